@@ -1,0 +1,289 @@
+"""The expansion op in pure PyTorch: the definition of correct for every backend.
+
+One target tensor, viewed as 2-D (rows = output axis, columns = input axis), is built element by
+element from a 2-D source view S of shape (R_S, C_S):
+
+    r = row_map[i], c = col_map[j]
+    if r == ZERO or c == ZERO:      T[i, j] = +0.0
+    elif c == FREE:                 T[i, j] = noise_std * sqrt(3) * (2 U(i, j, STREAM_FREE) - 1)
+                                              (+0.0 when noise_std == 0)
+    else:
+        v = (S'[r, c] * row_factor[i]) * col_factor[j]      # float32, two roundings, no FMA
+        T[i, j] = split(v; n = group_size[j], m = group_pos[j], mode)
+
+S' is S with the mean row appended (r == MEAN: mean over source rows, ``row_mean``) and the mean
+column appended (c == MEAN: mean over source columns, ``col_mean``); both means are float64 sums
+rounded once to float32 (``axis_means``). A split group is the set of target columns sharing one
+source column c; ``group_size[j]`` is its size n and ``group_pos[j]`` the rank m of j inside it.
+
+Split modes (the parts of a group sum to v; all arithmetic float32, rounding named explicitly):
+- NONE:        v.
+- LEMON:       unequal parts exact in the output dtype. With vd = round_out(v), walk a binary
+               tree from the root (node 0, heap numbering) to leaf m. At a node holding value x for
+               cnt parts: n_l = ceil(cnt/2), n_r = floor(cnt/2), u = U(i, c, STREAM_SPLIT + node);
+               if n_l == n_r: swap = u >= 0.5, a = 0.5 + 0.25 * (2u - swap), else
+               base = n_l / cnt, a = base + (base - 0.5) * (2u - 1); so a is in [1/2, 1].
+               A = round_out(a * x), B = x - A (exact: Sterbenz), left gets A and right B
+               (swapped when swap). Parts stay within a factor ~4 of v/n, so any float32 sum of
+               them is exact for 16-bit outputs.
+- EQUAL:       v / n (Net2Net / bert2BERT-FPI; exact only for n a power of two).
+- PROJECTION:  v / n + noise_std * (r_m - mean_q r_q), r_q = sqrt(3) (2 U(i, c, PROJ + q) - 1),
+               the mean a left-to-right float32 sum divided by n (LEMON's code; exact in fp32 up
+               to rounding).
+- CANCEL:      parts that sum to zero (new layers with zero output): pairs (m = 2p, 2p + 1) get
+               +e, -e with e = round_out((0.5 + 0.25 U(i, c, CANCEL + p)) * vd); the last part of an
+               odd group and singletons get 0.
+- CANCEL_EQUAL: as CANCEL with e = round_out(0.5 * vd).
+The result is cast to ``out_dtype`` with round-to-nearest-even.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import noise
+
+# Map sentinels (row_map / col_map entries below zero).
+ZERO = -1
+MEAN = -2
+FREE = -3  # column maps only
+
+# Split modes.
+SPLIT_NONE = 0
+SPLIT_LEMON = 1
+SPLIT_EQUAL = 2
+SPLIT_PROJECTION = 3
+SPLIT_CANCEL = 4
+SPLIT_CANCEL_EQUAL = 5
+SPLIT_MODES = {
+    "none": SPLIT_NONE,
+    "lemon": SPLIT_LEMON,
+    "equal": SPLIT_EQUAL,
+    "projection": SPLIT_PROJECTION,
+    "cancel": SPLIT_CANCEL,
+    "cancel_equal": SPLIT_CANCEL_EQUAL,
+}
+
+SQRT3 = float(torch.tensor(math.sqrt(3.0), dtype=torch.float32))
+MAX_GROUP_SIZE = 32  # tree nodes must stay below STREAM_PROJECTION (64)
+
+
+def group_layout(col_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split groups of a column map.
+
+    Args:
+        col_map: int64 (C_T,), source columns >= 0 or sentinels.
+    Returns:
+        (group_size, group_pos): int32 (C_T,) each. For sentinel columns both are 0 and 0.
+        group_size[j] = number of targets sharing col_map[j]; group_pos[j] = rank of j among them.
+    """
+    col_map = col_map.to(torch.int64)
+    size = torch.zeros_like(col_map, dtype=torch.int32)
+    pos = torch.zeros_like(col_map, dtype=torch.int32)
+    valid = col_map >= 0
+    if valid.any():
+        src = col_map[valid]
+        counts = torch.bincount(src)
+        size[valid] = counts[src].to(torch.int32)
+        # rank inside the group: stable sort by source column, then position within each run
+        order = torch.sort(src, stable=True).indices
+        sorted_src = src[order]
+        starts = torch.searchsorted(sorted_src, sorted_src, right=False)
+        ranks = torch.arange(src.numel(), device=src.device) - starts
+        vpos = torch.empty_like(src)
+        vpos[order] = ranks
+        pos[valid] = vpos.to(torch.int32)
+    return size, pos
+
+
+def axis_means(
+    source: torch.Tensor, row_map: torch.Tensor, col_map: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mean row (over source rows, (C_S,)) and mean column (over source columns, (R_S,)), float32.
+
+    Computed in float64 and rounded once, so every backend receives the same bits. None where the
+    corresponding map has no MEAN entry.
+    """
+    row_mean = col_mean = None
+    if bool((row_map == MEAN).any()):
+        row_mean = source.to(torch.float64).mean(dim=0).to(torch.float32)
+    if bool((col_map == MEAN).any()):
+        col_mean = source.to(torch.float64).mean(dim=1).to(torch.float32)
+    return row_mean, col_mean
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 values to the nearest ``dtype`` value (RNE), returned as float32."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return x
+    return x.to(dtype).to(torch.float32)
+
+
+def _gather(
+    source: torch.Tensor,
+    row_map: torch.Tensor,
+    col_map: torch.Tensor,
+    row_mean: torch.Tensor | None,
+    col_mean: torch.Tensor | None,
+) -> torch.Tensor:
+    """S'[row_map][:, col_map] in float32 with ZERO/FREE -> 0 and MEAN -> the given means."""
+    rs, cs = source.shape
+    aug = torch.zeros(rs + 2, cs + 2, dtype=torch.float32, device=source.device)
+    aug[:rs, :cs] = source.to(torch.float32)
+    if row_mean is not None:
+        aug[rs + 1, :cs] = row_mean
+    if col_mean is not None:
+        aug[:rs, cs + 1] = col_mean
+    ri = torch.where(row_map >= 0, row_map, torch.where(row_map == MEAN, rs + 1, rs))
+    ci = torch.where(col_map >= 0, col_map, torch.where(col_map == MEAN, cs + 1, cs))
+    return aug.index_select(0, ri).index_select(1, ci)
+
+
+class _SourceDraws:
+    """Uniform draws U(i, c, stream) for target rows i and each target column's source column c.
+
+    Computed on the (R_T, C_S) grid (one Philox call per 4 source columns) and gathered, so the
+    reference costs the same whatever the replication factor.
+    """
+
+    def __init__(self, num_rows: int, col_map: torch.Tensor, seed: int, key: int):
+        self.num_rows = num_rows
+        self.cols = col_map.clamp(min=0)
+        self.num_src_cols = int(self.cols.max()) + 1 if col_map.numel() else 0
+        self.seed, self.key = seed, key
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, stream: int) -> torch.Tensor:
+        if stream not in self._cache:
+            grid = noise.uniform_grid(
+                self.num_rows, self.num_src_cols, stream, self.seed, self.key, device=self.cols.device
+            )
+            self._cache[stream] = grid.index_select(1, self.cols)
+        return self._cache[stream]
+
+
+def _split_lemon(vd, size, pos, draws, out_dtype):
+    val = vd
+    cnt = size.to(torch.int64).unsqueeze(0).expand_as(vd)
+    pos = pos.to(torch.int64).unsqueeze(0).expand_as(vd)
+    lo = torch.zeros_like(cnt)
+    node = torch.zeros_like(cnt)
+    max_n = int(size.max()) if size.numel() else 0
+    for _ in range(max(0, math.ceil(math.log2(max_n))) if max_n > 1 else 0):
+        active = cnt > 1
+        if not bool(active.any()):
+            break
+        n_l = (cnt + 1) // 2
+        n_r = cnt // 2
+        u = torch.zeros_like(val)
+        for t in torch.unique(node[active]).tolist():
+            sel = node == t
+            u = torch.where(sel, draws(noise.STREAM_SPLIT + t), u)
+        even = n_l == n_r
+        swap = even & (u >= 0.5)
+        a_even = 0.5 + 0.25 * (2.0 * u - swap.to(torch.float32))
+        base = n_l.to(torch.float32) / cnt.clamp(min=1).to(torch.float32)
+        a_odd = base + (base - 0.5) * (2.0 * u - 1.0)
+        a = torch.where(even, a_even, a_odd)
+        first = round_to(a * val, out_dtype)
+        second = val - first
+        left = torch.where(swap, second, first)
+        right = torch.where(swap, first, second)
+        go_left = pos < lo + n_l
+        val = torch.where(active, torch.where(go_left, left, right), val)
+        lo = torch.where(active & ~go_left, lo + n_l, lo)
+        node = torch.where(active, torch.where(go_left, 2 * node + 1, 2 * node + 2), node)
+        cnt = torch.where(active, torch.where(go_left, n_l, n_r), cnt)
+    return val
+
+
+def _split_projection(v, size, pos, draws, noise_std):
+    n = size.to(torch.float32).clamp(min=1).unsqueeze(0)
+    max_n = int(size.max()) if size.numel() else 0
+    total = torch.zeros_like(v)
+    mine = torch.zeros_like(v)
+    posb = pos.to(torch.int64).unsqueeze(0)
+    sizeb = size.to(torch.int64).unsqueeze(0)
+    for q in range(max_n):
+        r_q = (2.0 * draws(noise.STREAM_PROJECTION + q) - 1.0) * SQRT3
+        total = torch.where(sizeb > q, total + r_q, total)
+        mine = torch.where(posb == q, r_q, mine)
+    mean = total / n
+    return v / n + noise_std * (mine - mean)
+
+
+def _split_cancel(vd, size, pos, draws, out_dtype, equal: bool):
+    sizeb = size.to(torch.int64).unsqueeze(0)
+    posb = pos.to(torch.int64).unsqueeze(0)
+    pair = posb // 2
+    if equal:
+        a = torch.full_like(vd, 0.5)
+    else:
+        a = torch.zeros_like(vd)
+        max_pairs = int(size.max()) // 2 if size.numel() else 0
+        for p in range(max_pairs):
+            a = torch.where(pair == p, 0.5 + 0.25 * draws(noise.STREAM_CANCEL + p), a)
+    e = round_to(a * vd, out_dtype)
+    unpaired = (sizeb == 1) | ((posb == sizeb - 1) & (sizeb % 2 == 1))
+    part = torch.where(posb % 2 == 0, e, -e)
+    return torch.where(unpaired, torch.zeros_like(part), part)
+
+
+def expand_reference(
+    source: torch.Tensor,
+    row_map: torch.Tensor,
+    col_map: torch.Tensor,
+    row_factor: torch.Tensor | None,
+    col_factor: torch.Tensor | None,
+    group_size: torch.Tensor,
+    group_pos: torch.Tensor,
+    row_mean: torch.Tensor | None,
+    col_mean: torch.Tensor | None,
+    split: int,
+    noise_std: float,
+    seed: int,
+    key: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference kernel. Shapes: source (R_S, C_S) any float dtype; row_map, row_factor (R_T,);
+    col_map, col_factor, group_size, group_pos (C_T,); row_mean (C_S,); col_mean (R_S,).
+    Returns out_dtype (R_T, C_T) on source's device. See the module doc for the definition."""
+    row_map = row_map.to(torch.int64)
+    col_map = col_map.to(torch.int64)
+    num_rows, num_cols = row_map.numel(), col_map.numel()
+    if num_rows == 0 or num_cols == 0:
+        return torch.empty(num_rows, num_cols, dtype=out_dtype, device=source.device)
+    v = _gather(source, row_map, col_map, row_mean, col_mean)
+    if row_factor is not None:
+        v = v * row_factor.to(torch.float32).unsqueeze(1)
+    if col_factor is not None:
+        v = v * col_factor.to(torch.float32).unsqueeze(0)
+    draws = _SourceDraws(num_rows, col_map, seed, key)
+    noise_std = float(torch.tensor(noise_std, dtype=torch.float32))
+    if split == SPLIT_NONE:
+        part = v
+    elif split == SPLIT_LEMON:
+        part = _split_lemon(round_to(v, out_dtype), group_size, group_pos, draws, out_dtype)
+    elif split == SPLIT_EQUAL:
+        part = v / group_size.to(torch.float32).clamp(min=1).unsqueeze(0)
+    elif split == SPLIT_PROJECTION:
+        part = _split_projection(v, group_size, group_pos, draws, noise_std)
+    elif split in (SPLIT_CANCEL, SPLIT_CANCEL_EQUAL):
+        part = _split_cancel(round_to(v, out_dtype), group_size, group_pos, draws, out_dtype, split == SPLIT_CANCEL_EQUAL)
+    else:
+        raise ValueError(f"unknown split mode {split}")
+    free = (col_map == FREE).unsqueeze(0)
+    if bool(free.any()):
+        if noise_std == 0.0:
+            free_val = torch.zeros_like(part)
+        else:
+            rows = torch.arange(num_rows, device=source.device).unsqueeze(1)
+            free_cols = torch.nonzero(free.squeeze(0)).squeeze(1)
+            u = noise.uniform(rows, free_cols.unsqueeze(0), noise.STREAM_FREE, seed, key)
+            free_val = torch.zeros_like(part)
+            free_val[:, free_cols] = noise_std * ((2.0 * u - 1.0) * SQRT3)
+        part = torch.where(free, free_val, part)
+    zero = (row_map == ZERO).unsqueeze(1) | (col_map == ZERO).unsqueeze(0)
+    part = torch.where(zero, torch.zeros_like(part), part)
+    return part.to(out_dtype)

@@ -1,0 +1,47 @@
+"""Build lemon_ext._C: C++ CPU kernels always, CUDA kernels when torch and a toolkit have CUDA.
+
+Switches: LEMON_EXT_SKIP_CUDA_BUILD=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST is honoured
+(default "9.0" so Hopper is always covered); DEBUG=1 builds with -O0 -g.
+Always install with ``pip install --no-build-isolation``: an isolated build pulls a different torch.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+debug = os.getenv("DEBUG", "0") == "1"
+cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+build_cuda = (
+    bool(cuda_sources)
+    and torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.getenv("LEMON_EXT_SKIP_CUDA_BUILD", "0") != "1"
+)
+if build_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+
+cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA contraction: bitwise-equal backends
+extra = {"cxx": cxx_flags}
+define_macros = [("Py_LIMITED_API", "0x03090000")]
+if build_cuda:
+    extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false", "-std=c++17"]
+    define_macros.append(("LEMON_EXT_WITH_CUDA", "1"))
+    ext = CUDAExtension(
+        "lemon_ext._C", cpp_sources + cuda_sources, extra_compile_args=extra,
+        define_macros=define_macros, extra_link_args=["-fopenmp"], py_limited_api=True,
+    )
+else:
+    ext = CppExtension(
+        "lemon_ext._C", cpp_sources, extra_compile_args=extra,
+        define_macros=define_macros, extra_link_args=["-fopenmp"], py_limited_api=True,
+    )
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
