@@ -1,0 +1,19 @@
+"""Architecture registry: model_type -> declarative tensor table."""
+from __future__ import annotations
+
+from ..errors import LemonError
+from .tables import ARCHITECTURES, Architecture
+
+SUPPORTED_MODEL_TYPES = tuple(t for arch in ARCHITECTURES for t in arch.model_types)
+
+
+def find_architecture(cfg: dict) -> Architecture:
+    """The table for ``cfg['model_type']``; LemonError listing the supported types otherwise."""
+    model_type = cfg.get("model_type")
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise LemonError(
+        f"unknown model_type {model_type!r} (config field 'model_type'); supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

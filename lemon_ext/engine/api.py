@@ -1,0 +1,82 @@
+"""expand_state_dict / expand_model: the public entry points of the engine."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import LemonError
+from .plan import plan_expansion
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+    if dtype not in table:
+        raise LemonError(f"dtype={dtype!r}: use one of {sorted(table)}")
+    return table[dtype]
+
+
+def expand_state_dict(
+    sd_s: dict[str, torch.Tensor],
+    cfg_s,
+    *,
+    seed: int = 0,
+    backend: str = "auto",
+    dtype=None,
+    device=None,
+    **sizes_and_options,
+):
+    """Expand a source state dict losslessly (LEMON). The inputs are never modified.
+
+    Args:
+        sd_s: source tensors by name (the model's ``state_dict()`` or a checkpoint's tensors).
+        cfg_s: transformers config or config.json dict.
+        seed: noise seed (same seed -> identical tensors on every backend).
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ``lemon_ext.ops.backends()``).
+        dtype: output dtype (default: each source tensor's own).
+        device: where to compute and return tensors (default: each source tensor's device).
+        **sizes_and_options: hidden_size, intermediate_size, num_attention_heads,
+            num_key_value_heads, num_hidden_layers, symmetry_breaking, depth_placement,
+            allow_lossy (see ``plan_expansion``).
+    Returns:
+        (sd_t, cfg_t): target tensors (target order) and the target config (same type as cfg_s).
+    """
+    if not isinstance(sd_s, dict):
+        raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
+    shapes = {name: tuple(t.shape) for name, t in sd_s.items()}
+    plan = plan_expansion(cfg_s, seed=seed, source_shapes=shapes, **sizes_and_options)
+    plan.check_source(shapes)
+    out_dtype = _resolve_dtype(dtype)
+    sd_t = {}
+    for spec in plan.specs:
+        source = sd_s[spec.source] if spec.source is not None else None
+        sd_t[spec.name] = spec.execute(source, seed=seed, dtype=out_dtype or _dtype_of(source, sd_s),
+                                       device=device, backend=backend)
+    return sd_t, plan.target_config
+
+
+def _dtype_of(source, sd_s) -> torch.dtype:
+    if source is not None:
+        return source.dtype
+    return next(iter(sd_s.values())).dtype  # synthetic tensors take the checkpoint's dtype
+
+
+def expand_model(model_s, **kwargs):
+    """Expand a Hugging Face model: same class out, weights loaded strictly, source untouched."""
+    config = getattr(model_s, "config", None)
+    if config is None:
+        raise LemonError("expand_model takes a transformers PreTrainedModel (it has no .config)")
+    sd_s = {k: v.detach() for k, v in model_s.state_dict().items()}
+    sd_t, cfg_t = expand_state_dict(sd_s, config, **kwargs)
+    from transformers.initialization import no_init_weights
+
+    dtype = next(iter(sd_t.values())).dtype
+    with no_init_weights():
+        model_t = type(model_s)(cfg_t)
+    model_t.to(dtype)
+    model_t.load_state_dict(sd_t, strict=True)
+    if hasattr(model_t, "tie_weights"):
+        model_t.tie_weights()
+    model_t.train(model_s.training)
+    return model_t

@@ -1,0 +1,134 @@
+"""Source and target sizes of an expansion, read from a config and checked against the spec."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch.tables import Architecture
+from ..errors import LemonError
+
+
+@dataclass(frozen=True)
+class Sizes:
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+
+    @property
+    def attn(self) -> int:
+        """Query projection width (heads * head_dim)."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_attn(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def _field(cfg: dict, arch: Architecture, generic: str, required: bool = True):
+    name = arch.fields.get(generic)
+    if name is None:
+        return None
+    value = cfg.get(name)
+    if value is None and required:
+        raise LemonError(f"config field {name!r} ({generic}) is missing")
+    return value
+
+
+def source_sizes(arch: Architecture, cfg: dict) -> Sizes:
+    hidden = int(_field(cfg, arch, "hidden_size"))
+    heads = int(_field(cfg, arch, "num_attention_heads"))
+    ffn = _field(cfg, arch, "intermediate_size", required=arch.family != "gpt2")
+    ffn = int(ffn) if ffn is not None else 4 * hidden  # GPT-2: n_inner None means 4 * n_embd
+    kv = _field(cfg, arch, "num_key_value_heads", required=False)
+    kv = int(kv) if kv is not None else heads
+    head_dim = _field(cfg, arch, "head_dim", required=False) if arch.explicit_head_dim else None
+    if head_dim is None:
+        if hidden % heads:
+            raise LemonError(f"config: hidden size {hidden} is not divisible by {heads} attention heads")
+        head_dim = hidden // heads
+    layers = int(_field(cfg, arch, "num_hidden_layers"))
+    if heads % kv:
+        raise LemonError(f"config: {heads} attention heads are not a multiple of {kv} key/value heads")
+    return Sizes(hidden, ffn, heads, kv, int(head_dim), layers)
+
+
+def _not_smaller(name: str, source: int, target: int) -> None:
+    if target < source:
+        raise LemonError(f"{name}={target} is smaller than the source's {source}: lemon_ext only grows models")
+
+
+def target_sizes(
+    arch: Architecture,
+    src: Sizes,
+    *,
+    hidden_size: int | None,
+    intermediate_size: int | None,
+    num_attention_heads: int | None,
+    num_key_value_heads: int | None,
+    num_hidden_layers: int,
+) -> Sizes:
+    """Target sizes: given values checked, missing ones kept (heads: head_dim kept)."""
+    hidden = src.hidden if hidden_size is None else int(hidden_size)
+    ffn = src.ffn if intermediate_size is None else int(intermediate_size)
+    _not_smaller("hidden_size", src.hidden, hidden)
+    _not_smaller("intermediate_size", src.ffn, ffn)
+    _not_smaller("num_hidden_layers", src.layers, num_hidden_layers)
+    standard = src.attn == src.hidden  # attention width tied to hidden size
+    if num_attention_heads is None:
+        if standard:
+            if hidden % src.head_dim:
+                raise LemonError(
+                    f"hidden_size={hidden} is not a multiple of head_dim {src.head_dim}; "
+                    "pass num_attention_heads (head_dim itself cannot change)"
+                )
+            heads = hidden // src.head_dim
+        else:
+            heads = src.heads * hidden // src.hidden if (src.heads * hidden) % src.hidden == 0 else src.heads
+    else:
+        heads = int(num_attention_heads)
+        if standard and not arch.explicit_head_dim and heads * src.head_dim != hidden:
+            raise LemonError(
+                f"num_attention_heads={heads} with hidden_size={hidden} changes head_dim from "
+                f"{src.head_dim} to {hidden / heads:g}; LEMON keeps head_dim (and so 1/sqrt(d_k) and RoPE)"
+            )
+    _not_smaller("num_attention_heads", src.heads, heads)
+    if num_key_value_heads is not None:
+        kv = int(num_key_value_heads)
+    elif src.kv_heads == src.heads:
+        kv = heads
+    elif src.kv_heads == 1:
+        kv = 1
+    else:
+        group = src.heads // src.kv_heads
+        if heads % group:
+            raise LemonError(
+                f"num_attention_heads={heads} is not a multiple of the source's group size {group}; "
+                "pass num_key_value_heads"
+            )
+        kv = heads // group
+    _not_smaller("num_key_value_heads", src.kv_heads, kv)
+    if arch.fields.get("num_key_value_heads") is None and kv != heads:
+        raise LemonError(f"model family {arch.family!r} has no grouped-query attention (num_key_value_heads={kv})")
+    target = Sizes(hidden, ffn, heads, kv, src.head_dim, num_hidden_layers)
+    check_gqa(src, target)
+    return target
+
+
+def check_gqa(src: Sizes, tgt: Sizes) -> None:
+    """Every target query head must read the key/value head its source query head reads."""
+    if tgt.heads % tgt.kv_heads:
+        raise LemonError(f"num_attention_heads={tgt.heads} is not a multiple of num_key_value_heads={tgt.kv_heads}")
+    group_s = src.heads // src.kv_heads
+    group_t = tgt.heads // tgt.kv_heads
+    for j in range(tgt.heads):
+        via_target = (j // group_t) % src.kv_heads
+        via_source = (j % src.heads) // group_s
+        if via_target != via_source:
+            raise LemonError(
+                f"impossible GQA mapping: target query head {j} would read source key/value head "
+                f"{via_target}, but its source query head {j % src.heads} reads {via_source} "
+                f"(heads {src.heads}->{tgt.heads}, key/value heads {src.kv_heads}->{tgt.kv_heads}); "
+                "keep the group size or use a single key/value head"
+            )
