@@ -102,14 +102,15 @@ def axis_means(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mean row (over source rows, (C_S,)) and mean column (over source columns, (R_S,)), float32.
 
-    Computed in float64 and rounded once, so every backend receives the same bits. None where the
-    corresponding map has no MEAN entry.
+    Computed in float64 and rounded once (kept in float64 for float64 sources), so every backend
+    receives the same bits. None where the corresponding map has no MEAN entry.
     """
     row_mean = col_mean = None
+    out = torch.float64 if source.dtype == torch.float64 else torch.float32
     if bool((row_map == MEAN).any()):
-        row_mean = source.to(torch.float64).mean(dim=0).to(torch.float32)
+        row_mean = (source.sum(dim=0, dtype=torch.float64) / source.shape[0]).to(out)
     if bool((col_map == MEAN).any()):
-        col_mean = source.to(torch.float64).mean(dim=1).to(torch.float32)
+        col_mean = (source.sum(dim=1, dtype=torch.float64) / source.shape[1]).to(out)
     return row_mean, col_mean
 
 
@@ -126,11 +127,12 @@ def _gather(
     col_map: torch.Tensor,
     row_mean: torch.Tensor | None,
     col_mean: torch.Tensor | None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """S'[row_map][:, col_map] in float32 with ZERO/FREE -> 0 and MEAN -> the given means."""
+    """S'[row_map][:, col_map] in compute_dtype with ZERO/FREE -> 0 and MEAN -> the given means."""
     rs, cs = source.shape
-    aug = torch.zeros(rs + 2, cs + 2, dtype=torch.float32, device=source.device)
-    aug[:rs, :cs] = source.to(torch.float32)
+    aug = torch.zeros(rs + 2, cs + 2, dtype=compute_dtype, device=source.device)
+    aug[:rs, :cs] = source.to(compute_dtype)
     if row_mean is not None:
         aug[rs + 1, :cs] = row_mean
     if col_mean is not None:
@@ -147,8 +149,10 @@ class _SourceDraws:
     reference costs the same whatever the replication factor.
     """
 
-    def __init__(self, num_rows: int, col_map: torch.Tensor, seed: int, key: int):
-        self.num_rows = num_rows
+    def __init__(self, num_rows: int, col_map: torch.Tensor, seed: int, key: int, row_offset: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        self.num_rows, self.dtype = num_rows, dtype
+        self.row_offset = row_offset
         self.cols = col_map.clamp(min=0)
         self.num_src_cols = int(self.cols.max()) + 1 if col_map.numel() else 0
         self.seed, self.key = seed, key
@@ -157,9 +161,10 @@ class _SourceDraws:
     def __call__(self, stream: int) -> torch.Tensor:
         if stream not in self._cache:
             grid = noise.uniform_grid(
-                self.num_rows, self.num_src_cols, stream, self.seed, self.key, device=self.cols.device
+                self.num_rows, self.num_src_cols, stream, self.seed, self.key, device=self.cols.device,
+                row_offset=self.row_offset,
             )
-            self._cache[stream] = grid.index_select(1, self.cols)
+            self._cache[stream] = grid.index_select(1, self.cols).to(self.dtype)
         return self._cache[stream]
 
 
@@ -208,7 +213,8 @@ def _split_projection(v, size, pos, draws, noise_std):
     for q in range(max_n):
         r_q = (2.0 * draws(noise.STREAM_PROJECTION + q) - 1.0) * SQRT3
         total = torch.where(sizeb > q, total + r_q, total)
-        mine = torch.where(posb == q, r_q, mine)
+        # (sizeb > q): a size-0 "group" (a MEAN column) is a singleton and gets no noise
+        mine = torch.where((posb == q) & (sizeb > q), r_q, mine)
     mean = total / n
     return v / n + noise_std * (mine - mean)
 
@@ -225,7 +231,8 @@ def _split_cancel(vd, size, pos, draws, out_dtype, equal: bool):
         for p in range(max_pairs):
             a = torch.where(pair == p, 0.5 + 0.25 * draws(noise.STREAM_CANCEL + p), a)
     e = round_to(a * vd, out_dtype)
-    unpaired = (sizeb == 1) | ((posb == sizeb - 1) & (sizeb % 2 == 1))
+    # size 0 (a MEAN column) counts as a singleton: 0, like any unpaired part
+    unpaired = (sizeb <= 1) | ((posb == sizeb - 1) & (sizeb % 2 == 1))
     part = torch.where(posb % 2 == 0, e, -e)
     return torch.where(unpaired, torch.zeros_like(part), part)
 
@@ -245,21 +252,32 @@ def expand_reference(
     seed: int,
     key: int,
     out_dtype: torch.dtype,
+    row_offset: int = 0,
+    col_offset: int = 0,
 ) -> torch.Tensor:
     """Reference kernel. Shapes: source (R_S, C_S) any float dtype; row_map, row_factor (R_T,);
     col_map, col_factor, group_size, group_pos (C_T,); row_mean (C_S,); col_mean (R_S,).
-    Returns out_dtype (R_T, C_T) on source's device. See the module doc for the definition."""
+    Returns out_dtype (R_T, C_T) on source's device. See the module doc for the definition.
+
+    row_offset / col_offset: the target row / column index of this block's first row / column,
+    as the noise counters see it (i -> i + row_offset in every draw, j -> j + col_offset in FREE
+    draws). Computing row or column blocks of a tensor separately with the offsets (and the
+    full tensor's group_size / group_pos / means) gives the bytes of the whole."""
     row_map = row_map.to(torch.int64)
     col_map = col_map.to(torch.int64)
     num_rows, num_cols = row_map.numel(), col_map.numel()
     if num_rows == 0 or num_cols == 0:
         return torch.empty(num_rows, num_cols, dtype=out_dtype, device=source.device)
-    v = _gather(source, row_map, col_map, row_mean, col_mean)
+    # float64 checkpoints are computed in float64 (the losslessness tests); everything else in
+    # float32, the precision every native backend reproduces bit for bit.
+    wide = source.dtype == torch.float64 or out_dtype == torch.float64
+    compute_dtype = torch.float64 if wide else torch.float32
+    v = _gather(source, row_map, col_map, row_mean, col_mean, compute_dtype)
     if row_factor is not None:
-        v = v * row_factor.to(torch.float32).unsqueeze(1)
+        v = v * row_factor.to(compute_dtype).unsqueeze(1)
     if col_factor is not None:
-        v = v * col_factor.to(torch.float32).unsqueeze(0)
-    draws = _SourceDraws(num_rows, col_map, seed, key)
+        v = v * col_factor.to(compute_dtype).unsqueeze(0)
+    draws = _SourceDraws(num_rows, col_map, seed, key, row_offset, compute_dtype)
     noise_std = float(torch.tensor(noise_std, dtype=torch.float32))
     if split == SPLIT_NONE:
         part = v
@@ -278,11 +296,11 @@ def expand_reference(
         if noise_std == 0.0:
             free_val = torch.zeros_like(part)
         else:
-            rows = torch.arange(num_rows, device=source.device).unsqueeze(1)
+            rows = torch.arange(num_rows, device=source.device).unsqueeze(1) + row_offset
             free_cols = torch.nonzero(free.squeeze(0)).squeeze(1)
-            u = noise.uniform(rows, free_cols.unsqueeze(0), noise.STREAM_FREE, seed, key)
+            u = noise.uniform(rows, free_cols.unsqueeze(0) + col_offset, noise.STREAM_FREE, seed, key)
             free_val = torch.zeros_like(part)
-            free_val[:, free_cols] = noise_std * ((2.0 * u - 1.0) * SQRT3)
+            free_val[:, free_cols] = (noise_std * ((2.0 * u - 1.0) * SQRT3)).to(part.dtype)
         part = torch.where(free, free_val, part)
     zero = (row_map == ZERO).unsqueeze(1) | (col_map == ZERO).unsqueeze(0)
     part = torch.where(zero, torch.zeros_like(part), part)
