@@ -13,7 +13,8 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 debug = os.getenv("DEBUG", "0") == "1"
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+# csrc/cuda/*.cu: kernels + plain C launchers (no torch headers); csrc/cuda/*.cpp: torch wrappers
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 build_cuda = (
     bool(cuda_sources)
     and torch.version.cuda is not None

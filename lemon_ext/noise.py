@@ -108,14 +108,17 @@ def uniform(
     return uint32_to_uniform(w)
 
 
-def uniform_grid(num_rows: int, num_cols: int, stream: int, seed: int, key: int, device=None) -> torch.Tensor:
-    """Draws for every (row < num_rows, column < num_cols): float32 (num_rows, num_cols).
+def uniform_grid(
+    num_rows: int, num_cols: int, stream: int, seed: int, key: int, device=None, row_offset: int = 0
+) -> torch.Tensor:
+    """Draws for every (row_offset <= row < row_offset + num_rows, column < num_cols): float32
+    (num_rows, num_cols).
 
     Makes one Philox call per 4 columns and keeps all four words.
     """
     k0, k1 = philox_key(seed, key)
     quads = (num_cols + 3) // 4
-    r = torch.arange(num_rows, dtype=torch.int64, device=device).unsqueeze(1)
+    r = torch.arange(num_rows, dtype=torch.int64, device=device).unsqueeze(1) + row_offset
     q = torch.arange(quads, dtype=torch.int64, device=device).unsqueeze(0)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     words = philox4x32(q, r, zero + stream, zero, k0, k1)
