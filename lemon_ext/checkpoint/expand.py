@@ -1,0 +1,418 @@
+"""expand_checkpoint: a Hugging Face model directory in, an expanded one out, in bounded memory.
+
+Phases (each its own module): read and validate headers (``source``), plan the expansion (the
+engine's ``plan_expansion``) and the shards (``shards``), then every rank streams its whole shards
+through the pipeline (``pipeline`` + ``writer``) into a hidden temporary directory (``outdir``);
+rank 0 writes index, config, copied files, report and model card, optionally verifies, and renames
+the directory into place. Everything up to the pipeline reads headers only, so a dry run reports
+every error before a weight is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LemonError
+from .distributed import Dist, init_from_env, rank_device
+from .errors import CheckpointError, VerificationError
+from .outdir import OutputDir, write_json_atomic
+from .pipeline import resolve_device, run_specs
+from .report import copy_aux_files, model_card, plan_rows, versions, write_config, write_text
+from .safetensors_format import dtype_size
+from .shards import Shard, build_index, parse_size, plan_shards, shards_for_rank
+from .source import SourceCheckpoint, _load_json
+from .writer import ShardWriter
+
+log = logging.getLogger("lemon_ext.checkpoint")
+
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "num_hidden_layers")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float64": torch.float64, "fp64": torch.float64}
+#: Python + torch import, measured on the CI machine (ru_maxrss after imports): ~0.3 GiB.
+_BASE_RSS = 0.35 * 2**30
+#: End-to-end expansion throughput (target bytes written per second) measured by
+#: benchmarks/bench_checkpoint.py on the 2-core CI machine; used only for the dry-run estimate.
+_EST_BYTES_PER_S = {"cpu": 60e6, "cuda": 1.0e9}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None, a torch.dtype, or a name ('bf16', 'float32', ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise CheckpointError(f"--dtype {dtype}: use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[key]
+
+
+@dataclass
+class Job:
+    """Everything decided from headers and config, before any weight is read."""
+
+    source: SourceCheckpoint
+    plan: object
+    dtypes: dict  # target name -> torch.dtype
+    shards: list  # list[Shard]
+    fingerprint: str
+    options: dict
+    notes: list = field(default_factory=list)
+
+    @property
+    def target_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def largest_target(self) -> int:
+        return max((math.prod(s.target_shape) * dtype_size(self.dtypes[s.name]) for s in self.plan.specs), default=0)
+
+    @property
+    def largest_source(self) -> int:
+        return max((self.source.nbytes(n) for n in self.source.weight_map), default=0)
+
+    @property
+    def rss_bound(self) -> int:
+        """The issue's bound: 2 x largest target tensor + one output shard + 1 GiB."""
+        return 2 * self.largest_target + max(s.nbytes for s in self.shards) + 2**30
+
+
+def _plan_expansion():
+    try:
+        from ..engine import plan_expansion
+    except ImportError as e:  # pragma: no cover - the engine ships with the package
+        raise CheckpointError(f"the expansion engine is not available ({e})") from None
+    return plan_expansion
+
+
+def _target_dtypes(plan, source: SourceCheckpoint, dtype: torch.dtype | None) -> dict:
+    """Output dtype per target tensor, the rule of ``expand_state_dict``: the requested dtype, else
+    the source tensor's own; synthetic tensors (no source) take the checkpoint's most common float
+    dtype (expand_state_dict takes its first tensor's; identical for single-dtype checkpoints)."""
+    floats = [d for d in source.dtypes.values() if d.is_floating_point]
+    default = Counter(floats).most_common(1)[0][0] if floats else torch.float32
+    return {s.name: dtype or (source.dtypes[s.source] if s.source is not None else default) for s in plan.specs}
+
+
+def _fingerprint(source: SourceCheckpoint, plan, dtypes: dict, shards: list, seed: int, options: dict) -> str:
+    """sha256 over everything that decides the output bytes (used to accept resumed shards)."""
+    files = {}
+    for f in source.files:
+        st = os.stat(os.path.join(source.path, f))
+        files[f] = [st.st_size, st.st_mtime_ns]
+    v = versions()
+    blob = {
+        "specs": [[s.name, s.source, list(s.source_shape), list(s.target_shape), s.role, s.rule,
+                   str(dtypes[s.name])] for s in plan.specs],
+        "shards": [[sh.filename, [n for n, _, _ in sh.tensors]] for sh in shards],
+        "seed": seed, "options": options, "source_files": files,
+        "versions": {k: v.get(k) for k in ("lemon_ext", "torch")},
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def analyze(src, *, sizes: dict, options: dict, seed: int = 0, dtype=None, max_shard_size="5GB",
+            collect: bool = False):
+    """Build the Job from headers and config. Raises the first error, or with ``collect=True``
+    returns ``(job_or_None, [every error found])``."""
+    errors: list[str] = []
+
+    def fail(e):
+        if not collect:
+            raise e
+        errors.append(str(e))
+
+    source = plan = job = None
+    try:
+        source = SourceCheckpoint(src)
+    except CheckpointError as e:
+        fail(e)
+    try:
+        out_dtype = resolve_dtype(dtype)
+    except CheckpointError as e:
+        fail(e)
+        out_dtype = None
+    try:
+        limit = parse_size(max_shard_size)
+    except CheckpointError as e:
+        fail(e)
+        limit = 5 * 10**9
+    cfg = source.config if source is not None else None
+    if cfg is None:
+        try:
+            cfg = _load_json(os.path.join(os.fspath(src), "config.json"), "config.json")
+        except CheckpointError:
+            cfg = None  # already reported by SourceCheckpoint
+    if cfg is not None:
+        try:
+            plan = _plan_expansion()(cfg, seed=seed, source_shapes=source.shapes if source else None,
+                                     **{k: v for k, v in sizes.items() if v is not None}, **options)
+        except LemonError as e:
+            fail(CheckpointError(f"{os.path.join(os.fspath(src), 'config.json')}: {e}"))
+    if plan is not None and source is not None:
+        try:
+            plan.check_source(source.shapes)
+        except LemonError as e:
+            fail(CheckpointError(f"{source.path}: {e}"))
+        else:
+            dtypes = _target_dtypes(plan, source, out_dtype)
+            shards = plan_shards([(s.name, dtypes[s.name], tuple(s.target_shape)) for s in plan.specs], limit)
+            fp = _fingerprint(source, plan, dtypes, shards, seed, options)
+            job = Job(source, plan, dtypes, shards, fp, options, list(getattr(plan, "notes", [])))
+    return (job, errors) if collect else job
+
+
+# -- dry run ----------------------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def dry_run_text(job: Job, device: str) -> str:
+    """The plan table plus counts, bytes, shard layout, memory and time estimates."""
+    p = job.plan
+    dev = "cuda" if str(device).startswith("cuda") else "cpu"
+    est = job.target_bytes / _EST_BYTES_PER_S[dev]
+    peak = _BASE_RSS + 2 * job.largest_target + 2 * job.largest_source
+    lines = [
+        str(p),
+        "",
+        f"source: {job.source.path} ({job.source.format}, {len(job.source.files)} file(s), "
+        f"{len(job.source.weight_map)} tensors, {_gib(job.source.total_bytes)})",
+        f"parameters: {p.num_parameters_source:,} -> {p.num_parameters_target:,} "
+        f"(x{p.num_parameters_target / max(1, p.num_parameters_source):.2f})",
+        f"target: {len(p.specs)} tensors, {job.target_bytes:,} bytes to write ({_gib(job.target_bytes)}) "
+        f"in {len(job.shards)} shard(s) of at most {_gib(max(s.nbytes for s in job.shards))}",
+        f"memory: largest target tensor {_gib(job.largest_target)}; estimated peak host RSS "
+        f"{_gib(peak)} (bound 2 x largest target + one shard + 1 GiB = {_gib(job.rss_bound)})",
+        f"time: about {est:.0f} s on {dev} (at {_EST_BYTES_PER_S[dev] / 1e6:.0f} MB/s measured end to end; "
+        f"disk speed decides)",
+    ]
+    return "\n".join(lines)
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+
+
+def dry_run(src, dst, *, sizes: dict, options: dict, seed=0, dtype=None, max_shard_size="5GB",
+            device="auto", overwrite=False, resume=False) -> tuple[str, list[str]]:
+    """(printable report, every error found) reading headers only."""
+    job, errors = analyze(src, sizes=sizes, options=options, seed=seed, dtype=dtype,
+                          max_shard_size=max_shard_size, collect=True)
+    out = OutputDir(dst, src, overwrite=overwrite, resume=resume)
+    try:
+        out.check()
+    except CheckpointError as e:
+        errors.append(str(e))
+    text = ""
+    if job is not None:
+        text = dry_run_text(job, "cpu" if device in (None, "auto") and not torch.cuda.is_available() else str(device))
+        free = _free_bytes(os.path.dirname(out.dst))
+        if free is not None and free < job.target_bytes:
+            errors.append(f"{os.path.dirname(out.dst)}: not enough free space ({_gib(free)} free, "
+                          f"{_gib(job.target_bytes)} needed)")
+    return text, errors
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, backend, progress, resume,
+                     dist: Dist) -> dict:
+    """Write this rank's shards (keeping resumable ones); return {filename: {sha256, size}}."""
+    results: dict = {}
+    todo: list[Shard] = []
+    for sh in mine:
+        rec = out.resumable(sh.filename, job.fingerprint) if resume else None
+        if rec is not None:
+            log.info("resume: keeping %s (sha256 matches)", sh.filename)
+            results[sh.filename] = {"sha256": rec["sha256"], "size": rec["size"], "resumed": True}
+        else:
+            todo.append(sh)
+    by_name = {s.name: s for s in job.plan.specs}
+    ordered = [by_name[n] for sh in todo for n, _, _ in sh.tensors]
+    total = sum(sh.nbytes for sh in todo)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="writing" if dist.world_size == 1 else f"rank {dist.rank} writing", dynamic_ncols=True,
+               position=dist.rank if dist.world_size > 1 else None, leave=dist.world_size == 1)
+    state = {"i": 0, "w": None}
+
+    def sink(spec, t):
+        if state["w"] is None:
+            state["w"] = ShardWriter(out.tmp, todo[state["i"]])
+        w = state["w"]
+        w.write(spec.name, t)
+        bar.update(t.numel() * t.element_size())
+        if w.done:
+            sha, size = w.close()
+            out.record(w.shard.filename, job.fingerprint, sha, size)
+            results[w.shard.filename] = {"sha256": sha, "size": size, "resumed": False}
+            state["w"], state["i"] = None, state["i"] + 1
+
+    try:
+        run_specs(ordered, job.source.get, sink, device=device, seed=seed, dtype=job.dtypes,
+                  backend=backend, source_dtypes=job.source.dtypes, copy_out=False)
+    except BaseException:
+        if state["w"] is not None:
+            state["w"].abort()
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+def expand_checkpoint(
+    src,
+    dst,
+    *,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    num_hidden_layers: int | None = None,
+    symmetry_breaking: str = "lemon",
+    depth_placement="interleave",
+    allow_lossy: bool = False,
+    seed: int = 0,
+    device="auto",
+    dtype=None,
+    max_shard_size="5GB",
+    verify: bool = False,
+    verify_tolerance: float | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Expand the Hugging Face model directory ``src`` into ``dst`` (LEMON, lossless), streaming.
+
+    Target sizes and options as in ``lemon_ext.expand_state_dict`` (None keeps the source's).
+    Reads one source tensor per target tensor, writes shards of at most ``max_shard_size``
+    ("5GB" = 5*10**9 bytes, as transformers) as they are built; peak host memory stays within
+    2 x the largest target tensor + one shard + 1 GiB. Under ``torchrun`` the shards are split
+    across ranks (same bytes as one process). ``dst`` appears only when complete (built as a
+    hidden sibling and renamed); an existing ``dst`` is replaced only with ``overwrite``;
+    ``resume`` keeps the finished shards of an interrupted run whose sha256 matches.
+
+    Returns the report written to ``dst/lemon_expansion.json``. Raises ``CheckpointError`` (a
+    ``LemonError``/``ValueError``) with a one-line message naming the file or tensor at fault.
+    """
+    t0 = time.time()
+    sizes = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                 num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                 num_hidden_layers=num_hidden_layers)
+    options = dict(symmetry_breaking=symmetry_breaking, allow_lossy=allow_lossy,
+                   depth_placement=depth_placement if isinstance(depth_placement, str) else list(depth_placement))
+    dist = init_from_env()
+    try:
+        job = analyze(src, sizes=sizes, options=options, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
+        out = OutputDir(dst, src, overwrite=overwrite, resume=resume)
+        out.check()
+        dev = rank_device(device, dist)
+        resolve_device(dev)
+        err = None
+        if dist.is_main:
+            try:
+                out.prepare()
+            except CheckpointError as e:
+                err = str(e)
+        dist.sync(err)
+        mine = shards_for_rank(job.shards, dist.rank, dist.world_size)
+        err, res = None, {}
+        try:
+            res = _write_my_shards(job, out, mine, device=dev, seed=seed, backend=backend,
+                                   progress=progress, resume=resume, dist=dist)
+        except LemonError as e:
+            err = str(e)
+        results: dict = {}
+        for r in dist.sync(err, res):
+            results.update(r)
+        report = None
+        err = None
+        if dist.is_main:
+            try:
+                report = _finish(job, out, results, src=src, sizes=sizes, seed=seed, dtype=dtype,
+                                 max_shard_size=max_shard_size, verify=verify, tolerance=verify_tolerance,
+                                 elapsed_write=time.time() - t0, world=dist.world_size, device=str(dev))
+            except LemonError as e:
+                err = str(e)
+        report = dist.sync(err, report)[0]
+        return report
+    finally:
+        job_src = locals().get("job")
+        if job_src is not None:
+            job_src.source.close()
+        dist.close()
+
+
+def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype, max_shard_size, verify,
+            tolerance, elapsed_write, world, device) -> dict:
+    """Rank 0: index, config, copied files, report, model card, verification, rename into place."""
+    missing = [s.filename for s in job.shards if s.filename not in results]
+    if missing:
+        raise CheckpointError(f"{out.path(missing[0])}: shard was not written")
+    index = build_index(job.shards)
+    if index is not None:
+        write_json_atomic(out.path("model.safetensors.index.json"), index)
+    cfg = dict(job.plan.target_config)
+    out_dtype = resolve_dtype(dtype)
+    if out_dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = str(out_dtype).replace("torch.", "")
+    write_config(out.path("config.json"), cfg)
+    copied = copy_aux_files(job.source.path, out.tmp)
+    p = job.plan
+    s, t = p.source_sizes, p.target_sizes
+    report = {
+        "tool": "lemon-expand",
+        "source": {"path": os.path.abspath(os.fspath(src)), "format": job.source.format,
+                   "files": job.source.files, "bytes": job.source.total_bytes},
+        "seed": seed,
+        "options": {**job.options, **{k: v for k, v in sizes.items()},
+                    "dtype": None if out_dtype is None else str(out_dtype).replace("torch.", ""),
+                    "max_shard_size": max_shard_size},
+        "plan_summary": {
+            "num_parameters_source": p.num_parameters_source, "num_parameters_target": p.num_parameters_target,
+            "hidden": [s.hidden, t.hidden], "ffn": [s.ffn, t.ffn], "heads": [s.heads, t.heads],
+            "kv_heads": [s.kv_heads, t.kv_heads], "layers": [s.layers, t.layers],
+            "layer_sources": [layer.source for layer in p.layers], "notes": job.notes,
+        },
+        "plan": plan_rows(p, job.dtypes),
+        "shards": [{"file": sh.filename, "bytes": sh.nbytes, "tensors": len(sh.tensors), **results[sh.filename]}
+                   for sh in job.shards],
+        "total_size": job.target_bytes,
+        "copied_files": copied,
+        "versions": versions(),
+        "run": {"processes": world, "device": device, "seconds": round(elapsed_write, 3)},
+        "fingerprint": job.fingerprint,
+        "verification": None,
+    }
+    if verify:
+        from .verify import verify_checkpoints
+        report["verification"] = verify_checkpoints(job.source.path, out.tmp, tolerance=tolerance)
+    write_json_atomic(out.path("lemon_expansion.json"), report)
+    write_text(out.path("README.md"), model_card(report))
+    if report["verification"] is not None and not report["verification"]["passed"]:
+        v = report["verification"]
+        raise VerificationError(
+            f"{out.dst}: verification failed: max relative error {v['max_rel_error']:.3g} on {v['compared']} "
+            f"exceeds {v['tolerance']:.3g} (output kept unrenamed in {out.tmp})")
+    out.remove_stray({sh.filename for sh in job.shards} | {"model.safetensors.index.json", "config.json",
+                                                             "lemon_expansion.json", "README.md", *copied})
+    out.commit()
+    return report
