@@ -58,6 +58,6 @@ def rewrite_config(cfg_s, cfg: dict, arch: Architecture, src: Sizes, tgt: Sizes,
         out["pooler_output_size"] = tgt.hidden
     if isinstance(cfg_s, dict):
         return out
-    for key in ("transformers_version",):
-        out.pop(key, None)
-    return type(cfg_s).from_dict(out)
+    out.pop("transformers_version", None)
+    # The constructor, not from_dict: from_dict logs the whole config on every call.
+    return type(cfg_s)(**out)
