@@ -264,7 +264,7 @@ def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, back
             state["w"], state["i"] = None, state["i"] + 1
 
     try:
-        run_specs(ordered, job.source.get, sink, device=device, seed=seed, dtype=job.dtypes,
+        stats = run_specs(ordered, job.source.get, sink, device=device, seed=seed, dtype=job.dtypes,
                   backend=backend, source_dtypes=job.source.dtypes, copy_out=False)
     except BaseException:
         if state["w"] is not None:
@@ -272,6 +272,10 @@ def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, back
         raise
     finally:
         bar.close()
+    if stats.get("wall"):
+        log.info("stage seconds (overlapping): read %.1f, compute %.1f, write %.1f; wall %.1f",
+                 stats["read"], stats["compute"], stats["sink"], stats["wall"])
+    results["__stats__"] = stats
     return results
 
 
@@ -339,7 +343,9 @@ def expand_checkpoint(
         except LemonError as e:
             err = str(e)
         results: dict = {}
+        stats = []
         for r in dist.sync(err, res):
+            stats.append(r.pop("__stats__", {}))
             results.update(r)
         report = None
         err = None
@@ -347,7 +353,8 @@ def expand_checkpoint(
             try:
                 report = _finish(job, out, results, src=src, sizes=sizes, seed=seed, dtype=dtype,
                                  max_shard_size=max_shard_size, verify=verify, tolerance=verify_tolerance,
-                                 elapsed_write=time.time() - t0, world=dist.world_size, device=str(dev))
+                                 elapsed_write=time.time() - t0, world=dist.world_size, device=str(dev),
+                                 stats=stats)
             except LemonError as e:
                 err = str(e)
         report = dist.sync(err, report)[0]
@@ -360,7 +367,7 @@ def expand_checkpoint(
 
 
 def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype, max_shard_size, verify,
-            tolerance, elapsed_write, world, device) -> dict:
+            tolerance, elapsed_write, world, device, stats=None) -> dict:
     """Rank 0: index, config, copied files, report, model card, verification, rename into place."""
     missing = [s.filename for s in job.shards if s.filename not in results]
     if missing:
@@ -398,7 +405,8 @@ def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype,
         "total_size": job.target_bytes,
         "copied_files": copied,
         "versions": versions(),
-        "run": {"processes": world, "device": device, "seconds": round(elapsed_write, 3)},
+        "run": {"processes": world, "device": device, "seconds": round(elapsed_write, 3),
+                "stage_seconds": [{k: round(v, 3) for k, v in s.items()} for s in (stats or [])]},
         "fingerprint": job.fingerprint,
         "verification": None,
     }

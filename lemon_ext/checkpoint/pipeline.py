@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -122,7 +123,7 @@ def run_specs(
     copy_out: bool = True,
     output_device="cpu",
     source_dtypes: dict | None = None,
-) -> None:
+) -> dict:
     """Execute every spec in order, streaming results to ``sink``.
 
     Args:
@@ -139,16 +140,18 @@ def run_specs(
             keep them there; only meaningful with a CUDA device).
         source_dtypes: {source name: dtype}; with a ``fetch_source`` accepting ``out=`` the CUDA
             path then reads each source straight into a pinned buffer (no pageable bounce).
+    Returns:
+        stage times in seconds {"read", "compute", "sink", "wall"} (CPU path; stages overlap, so
+        the largest one bounds the wall time: that is the bottleneck to report).
     """
     specs = list(specs)
     dev = resolve_device(device)
     if dev.type == "cuda":
-        _run_cuda(specs, fetch_source, sink, dev, seed=seed, dtype=dtype, backend=backend,
+        return _run_cuda(specs, fetch_source, sink, dev, seed=seed, dtype=dtype, backend=backend,
                   prefetch=prefetch, max_live_targets=max_live_targets, copy_out=copy_out,
                   output_device=torch.device(output_device) if output_device else dev,
                   source_dtypes=source_dtypes or {})
-        return
-    _run_cpu(specs, fetch_source, sink, dev, seed=seed, dtype=dtype, backend=backend,
+    return _run_cpu(specs, fetch_source, sink, dev, seed=seed, dtype=dtype, backend=backend,
              prefetch=prefetch, max_live_targets=max_live_targets,
              source_cache_bytes=source_cache_bytes)
 
@@ -194,10 +197,16 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
     q_out: queue.Queue = queue.Queue()
     live = threading.Semaphore(max(1, max_live_targets))
     cache = _SourceCache(specs, fetch_source, source_cache_bytes)
+    stats = {"read": 0.0, "compute": 0.0, "sink": 0.0, "wall": 0.0}
+    t_start = time.perf_counter()
 
     def read():
         for spec in specs:
-            _put(q_in, (spec, cache.take(spec.source)), abort)
+            t = time.perf_counter()
+            src = cache.take(spec.source)
+            stats["read"] += time.perf_counter() - t
+            _put(q_in, (spec, src), abort)
+            del src
         _put(q_in, _STOP, abort)
 
     def write():
@@ -207,7 +216,9 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
                 return
             spec, t = item
             item = None
+            t0 = time.perf_counter()
             sink(spec, t)
+            stats["sink"] += time.perf_counter() - t0
             del t
             live.release()
 
@@ -223,7 +234,9 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
             spec, src = item
             item = None
             _acquire(live, abort)
+            t0 = time.perf_counter()
             out = _execute(spec, src, seed=seed, dtype=dtype, device=dev, backend=backend)
+            stats["compute"] += time.perf_counter() - t0
             del src
             if out.device.type != "cpu":
                 out = out.cpu()
@@ -243,6 +256,8 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
     for st in (reader, writer):
         if st.error is not None:
             raise st.error
+    stats["wall"] = time.perf_counter() - t_start
+    return stats
 
 
 def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, max_live_targets,
@@ -367,6 +382,7 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
     for st in (reader, writer):
         if st.error is not None:
             raise st.error
+    return {}
 
 
 def _nbytes(shape, dtype) -> int:

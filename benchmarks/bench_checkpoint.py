@@ -1,0 +1,203 @@
+"""Benchmark the streaming checkpoint expansion (issue 4) against plain safetensors writes.
+
+A synthetic Llama-shaped bf16 checkpoint (default >= 2 GB, hidden 2048, ffn 5632, 16 heads / 4 kv
+heads, vocab 32000, untied head) is generated on the fly and sharded; ``expand_checkpoint`` grows it
+2x in width (hidden 4096, ffn 11264, 32 heads / 8 kv heads) and 1.5x in depth, on the CPU backend.
+Reported: seconds, GB/s written, peak RSS (a child process, ``resource.getrusage``), and the ratio to
+writing the same output bytes with ``safetensors.torch.save_file`` (+ fsync, as our writer does)
+in the same run. The synthetic checkpoint and both outputs are deleted at the end.
+
+    python benchmarks/bench_checkpoint.py [--source-gb 2.0] [--workdir /tmp/lemon_bench] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def llama_config(hidden, ffn, heads, kv, layers, vocab=32000):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "head_dim": hidden // heads, "num_hidden_layers": layers, "vocab_size": vocab,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+            "hidden_act": "silu", "initializer_range": 0.02, "dtype": "bfloat16"}
+
+
+def llama_tensors(cfg):
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kvd = cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kvd, h)), (p + "self_attn.v_proj.weight", (kvd, h)),
+                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def generate(path, cfg, shard_bytes=1 << 30):
+    """Write a sharded bf16 checkpoint; values are slices of one 64 MiB random block (fast)."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    block = (torch.randn(32 << 20) * 0.02).to(torch.bfloat16)
+    shards, cur, size, wmap = [], {}, 0, {}
+    tensors = llama_tensors(cfg)
+    for name, shape in tensors:
+        n = math.prod(shape)
+        reps = -(-n // block.numel())
+        t = (block.repeat(reps)[:n] if reps > 1 else block[:n]).reshape(shape).clone()
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        if cur and size + t.nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += t.nbytes
+    shards.append(cur)
+    total = 0
+    for i, sd in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, os.path.join(path, fname), metadata={"format": "pt"})
+        total += sum(t.nbytes for t in sd.values())
+        wmap.update({k: fname for k in sd})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f)
+    return total
+
+
+def child_expand(src, dst, sizes, shard):
+    """Run in a fresh process: expansion time and peak RSS (VmHWM: ru_maxrss is inherited over fork)."""
+    sys.path.insert(0, ROOT)
+    import torch  # noqa: F401
+
+    from lemon_ext.checkpoint.expand import analyze, expand_checkpoint
+    job = analyze(src, sizes=sizes, options=dict(symmetry_breaking="lemon", allow_lossy=False,
+                                                 depth_placement="interleave"), max_shard_size=shard)
+    from lemon_ext.checkpoint.testing import peak_rss_bytes
+    base = peak_rss_bytes()
+    t = time.perf_counter()
+    rep = expand_checkpoint(src, dst, **sizes, device="cpu", max_shard_size=shard, progress=False)
+    dt = time.perf_counter() - t
+    peak = peak_rss_bytes()
+    print(json.dumps({"seconds": dt, "bytes": rep["total_size"], "peak_rss": peak, "base_rss": base,
+                      "rss_bound": job.rss_bound, "largest_target": job.largest_target,
+                      "largest_shard": max(s["bytes"] for s in rep["shards"]), "shards": len(rep["shards"]),
+                      "stages": rep["run"]["stage_seconds"]}))
+
+
+def child_safetensors(dst, out):
+    """Fresh process: re-save every output shard with save_file (+fsync); time only the writes."""
+    import torch  # noqa: F401
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(out, exist_ok=True)
+    total_t = total_t_nosync = 0.0
+    nbytes = 0
+    for name in sorted(os.listdir(dst)):
+        if not name.endswith(".safetensors"):
+            continue
+        sd = load_file(os.path.join(dst, name))
+        path = os.path.join(out, name)
+        t = time.perf_counter()
+        save_file(sd, path, metadata={"format": "pt"})
+        t1 = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        t2 = time.perf_counter()
+        total_t += t2 - t
+        total_t_nosync += t1 - t
+        nbytes += sum(v.nbytes for v in sd.values())
+        del sd
+        os.remove(path)  # keep disk use at one shard
+    print(json.dumps({"seconds": total_t, "seconds_no_fsync": total_t_nosync, "bytes": nbytes}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source-gb", type=float, default=2.0)
+    ap.add_argument("--workdir", default="/tmp/lemon_bench")
+    ap.add_argument("--max-shard-size", default="2GB")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", nargs="*")
+    a = ap.parse_args()
+    if a.child:
+        if a.child[0] == "expand":
+            child_expand(a.child[1], a.child[2], json.loads(a.child[3]), a.child[4])
+        else:
+            child_safetensors(a.child[1], a.child[2])
+        return
+    h, f, heads, kv = 2048, 5632, 16, 4
+    per_layer = 2 * (2 * h * h + 2 * h * (h // heads) * kv + 3 * h * f + 2 * h)
+    fixed = 2 * 2 * 32000 * h
+    layers = max(2, math.ceil((a.source_gb * 1e9 - fixed) / per_layer))
+    layers += layers % 2  # even, so 1.5x depth is an integer
+    cfg = llama_config(h, f, heads, kv, layers)
+    sizes = {"hidden_size": 2 * h, "intermediate_size": 2 * f, "num_attention_heads": 2 * heads,
+             "num_key_value_heads": 2 * kv, "num_hidden_layers": layers * 3 // 2}
+    src, dst, st = (os.path.join(a.workdir, n) for n in ("src", "dst", "st"))
+    shutil.rmtree(a.workdir, ignore_errors=True)
+    try:
+        t = time.perf_counter()
+        src_bytes = generate(src, cfg)
+        gen_s = time.perf_counter() - t
+        print(f"generated {src_bytes / 1e9:.2f} GB source ({layers} layers) in {gen_s:.0f} s", flush=True)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        me = os.path.abspath(__file__)
+        r = subprocess.run([sys.executable, me, "--child", "expand", src, dst, json.dumps(sizes), a.max_shard_size],
+                           env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"expansion failed:\n{r.stderr[-3000:]}")
+        ours = json.loads(r.stdout.strip().splitlines()[-1])
+        r = subprocess.run([sys.executable, me, "--child", "safetensors", dst, st], env=env,
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"baseline failed:\n{r.stderr[-3000:]}")
+        base = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(a.workdir, ignore_errors=True)
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    import torch
+    res = {
+        "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "torch": torch.__version__, "commit": commit,
+        "source_gb": src_bytes / 1e9, "source_layers": layers, "target_gb": ours["bytes"] / 1e9,
+        "target_layers": sizes["num_hidden_layers"], "shards": ours["shards"],
+        "expand_s": ours["seconds"], "expand_gbps": ours["bytes"] / ours["seconds"] / 1e9,
+        "safetensors_s": base["seconds"], "safetensors_gbps": base["bytes"] / base["seconds"] / 1e9,
+        "safetensors_no_fsync_s": base["seconds_no_fsync"],
+        "ratio": ours["seconds"] / base["seconds"],
+        "peak_rss_gib": ours["peak_rss"] / 2**30, "base_rss_gib": ours["base_rss"] / 2**30,
+        "rss_bound_gib": ours["rss_bound"] / 2**30, "largest_target_mib": ours["largest_target"] / 2**20,
+        "largest_shard_gib": ours["largest_shard"] / 2**30, "stage_seconds": ours["stages"],
+    }
+    print("| source GB | target GB | expand s | GB/s written | safetensors s | ratio | peak RSS GiB | bound GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {res['source_gb']:.2f} | {res['target_gb']:.2f} | {res['expand_s']:.0f} | {res['expand_gbps']:.3f} | "
+          f"{res['safetensors_s']:.0f} | {res['ratio']:.2f}x | {res['peak_rss_gib']:.2f} | {res['rss_bound_gib']:.2f} |")
+    print(json.dumps(res, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
