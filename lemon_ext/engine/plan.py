@@ -371,12 +371,18 @@ def plan_expansion(
             specs.append(builder.build(name, name, role, shape, final_norm=name in final_norms))
 
     def _shape_of(name, template, role):
-        if source_shapes is not None and name in source_shapes:
-            return tuple(source_shapes[name])
         shape = _source_shape(arch, src, cfg, template, role)
+        given = tuple(source_shapes[name]) if source_shapes is not None and name in source_shapes else None
         if shape is None:
-            shape = _config_shape(arch, cfg, src, template)
-        return shape
+            # Embeddings and heads: the checkpoint is the authority on vocabulary/positions, but the
+            # hidden axis must still agree with the config.
+            shape = given or _config_shape(arch, cfg, src, template)
+            hidden_axis = 0 if role == "embed_conv" else -1
+            if role != "keep" and shape[hidden_axis] != src.hidden:
+                raise LemonError(f"tensor {name!r} has shape {tuple(shape)}, but the config's hidden size is {src.hidden}")
+        elif given is not None and given != tuple(shape):
+            raise LemonError(f"tensor {name!r} has shape {given}, the config implies {tuple(shape)}")
+        return tuple(shape)
 
     add_static(arch.embeddings, prefix)
     for layer in layers:
