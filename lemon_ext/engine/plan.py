@@ -82,19 +82,19 @@ class ExpansionPlan:
         ]
         rows, seen = [], {}
         for spec in self.specs:
-            key = (_template(spec.name), spec.source_shape, spec.target_shape, spec.rule)
+            key = (_template(spec.name), spec.role, spec.source_shape, spec.target_shape, spec.rule)
             if key in seen:
                 seen[key] += 1
                 continue
             seen[key] = 1
             rows.append(key)
         width = max((len(r[0]) for r in rows), default=10)
-        lines = [f"  {'tensor'.ljust(width)}  {'source -> target shape':<30}  rule"]
+        lines = [f"  {'tensor'.ljust(width)}  {'role':<12}  {'source -> target shape':<30}  rule"]
         for key in rows:
-            name, src_shape, tgt_shape, rule = key
+            name, role, src_shape, tgt_shape, rule = key
             count = f" (x{seen[key]})" if seen[key] > 1 else ""
             shapes = f"{list(src_shape)} -> {list(tgt_shape)}"
-            lines.append(f"  {name.ljust(width)}  {shapes:<30}  {rule}{count}")
+            lines.append(f"  {name.ljust(width)}  {role:<12}  {shapes:<30}  {rule}{count}")
         return "\n".join(head + lines + [f"  note: {n}" for n in self.notes])
 
 
