@@ -212,7 +212,8 @@ class _SpecBuilder:
             else:
                 rows, what = axes.keep(source_shape[0] if not transpose else source_shape[1]), "rows kept"
             cols, split = stream_in, split_name
-            rule = f"rows: {what}; cols: fan-in split of the stream ({k_desc}, tail random), {split}"
+            tail = ", tail random" if t.hidden % s.hidden else ""
+            rule = f"rows: {what}; cols: fan-in split of the stream ({k_desc}{tail}), {split}"
         elif role in ("q_bias", "kv_bias", "qkv_bias", "up_bias", "pooler_bias"):
             view, rows = "vector", axes.keep(1)
             cols = {
