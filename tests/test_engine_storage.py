@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 import lemon_ext
-from helpers_engine import build, gpt2_config, llama_family, relative_error, token_batch
+from helpers_engine import build, gpt2_config, llama_family, relative_error, token_batch, vit_config
 
 
 def _group_sums(spec, split_tensor, unsplit_tensor):
@@ -27,11 +27,20 @@ def _group_sums(spec, split_tensor, unsplit_tensor):
     return sums, expected
 
 
-@pytest.mark.parametrize("kind", ["gqa", "mha_tied"])
-def test_bf16_parts_sum_exactly_to_stored_source(kind):
-    cls, cfg = llama_family(kind)
+def _model(kind):
+    if kind == "gpt2":
+        return tf.GPT2LMHeadModel, gpt2_config()
+    if kind == "vit":
+        return tf.ViTForImageClassification, vit_config()
+    return llama_family(kind)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha_tied", "gpt2", "vit"])
+@pytest.mark.parametrize("hidden", [64, 48, 96], ids=["2x", "1.5x", "3x"])
+def test_bf16_parts_sum_exactly_to_stored_source(kind, hidden):
+    cls, cfg = _model(kind)
     sd = {k: v.to(torch.bfloat16) for k, v in build(cls, cfg, dtype=torch.float32).state_dict().items()}
-    plan = lemon_ext.plan_expansion(cfg, hidden_size=64, intermediate_size=74, num_hidden_layers=4,
+    plan = lemon_ext.plan_expansion(cfg, hidden_size=hidden, intermediate_size=111, num_hidden_layers=5,
                                     source_shapes={k: v.shape for k, v in sd.items()})
     checked = 0
     for spec in plan.specs:
