@@ -47,10 +47,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (not the stream current at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool, prog: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if quiet or rank != 0 else logging.INFO
-    logging.basicConfig(level=level, format=f"{prog}: %(message)s", stream=sys.stderr, force=True)
+    log = logging.getLogger("lemon_ext")
+    for h in list(log.handlers):
+        if isinstance(h, _StderrHandler):
+            log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 def _fail(prog: str, msg: str, code: int = EXIT_ERROR) -> int:

@@ -94,6 +94,39 @@ def _plan_expansion():
     return plan_expansion
 
 
+def _plan(cfg: dict, shapes: dict | None, **kwargs):
+    """plan_expansion from the checkpoint's own names and shapes.
+
+    Workaround (engine at 80a2501): its layout chooser rejects a tied causal-LM checkpoint whose
+    head is not stored (what ``save_pretrained`` writes: ``lm_head.weight`` deduplicated away). We
+    then plan with the tied head's name added, and drop that head's spec again, so the output,
+    like the source, does not store it. Remove once ``_choose_layout`` accepts absent tied heads.
+    """
+    plan_expansion = _plan_expansion()
+    try:
+        return plan_expansion(cfg, source_shapes=shapes, **kwargs)
+    except LemonError as first:
+        if shapes is None or "layout" not in str(first):
+            raise
+        try:
+            from dataclasses import replace
+
+            from ..arch import find_architecture
+            arch = find_architecture(cfg)
+        except Exception:  # noqa: BLE001 - keep the engine's own message
+            raise first from None
+        for layout in arch.layouts:
+            added = {t: tuple(shapes[p]) for t, p in layout.tied if p in shapes and t not in shapes}
+            if not added:
+                continue
+            try:
+                plan = plan_expansion(cfg, source_shapes={**shapes, **added}, **kwargs)
+            except LemonError:
+                continue
+            return replace(plan, specs=[s for s in plan.specs if s.name not in added])
+        raise first from None
+
+
 def _target_dtypes(plan, source: SourceCheckpoint, dtype: torch.dtype | None) -> dict:
     """Output dtype per target tensor, the rule of ``expand_state_dict``: the requested dtype, else
     the source tensor's own; synthetic tensors (no source) take the checkpoint's most common float
@@ -154,8 +187,8 @@ def analyze(src, *, sizes: dict, options: dict, seed: int = 0, dtype=None, max_s
             cfg = None  # already reported by SourceCheckpoint
     if cfg is not None:
         try:
-            plan = _plan_expansion()(cfg, seed=seed, source_shapes=source.shapes if source else None,
-                                     **{k: v for k, v in sizes.items() if v is not None}, **options)
+            plan = _plan(cfg, source.shapes if source else None, seed=seed,
+                         **{k: v for k, v in sizes.items() if v is not None}, **options)
         except LemonError as e:
             fail(CheckpointError(f"{os.path.join(os.fspath(src), 'config.json')}: {e}"))
     if plan is not None and source is not None:

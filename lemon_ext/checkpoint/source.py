@@ -141,11 +141,11 @@ class SourceCheckpoint:
             return self._bins[fname]
         fpath = os.path.join(self.path, fname)
         try:
-            try:
+            with open(fpath, "rb") as f:
+                is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format since 1.6
+            if is_zip:
                 sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e) and "zip" not in str(e):
-                    raise
+            else:
                 log.warning("%s: legacy (non-zip) format cannot be memory-mapped; loading it whole", fpath)
                 sd = torch.load(fpath, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling/zip failure is a corrupt file

@@ -39,13 +39,21 @@ def _model_class(path: str):
 
 def load_model(path: str, dtype: torch.dtype = torch.float32):
     """from_pretrained with the config's architecture class, in ``dtype``, eval mode, on CPU."""
+    from transformers.utils import logging as hf_logging
+
     cls = _model_class(path)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-load bars would break the one-line output
     try:
-        model = cls.from_pretrained(path, dtype=dtype)
-    except TypeError:  # transformers < 4.56 calls it torch_dtype
-        model = cls.from_pretrained(path, torch_dtype=dtype)
+        try:
+            model = cls.from_pretrained(path, dtype=dtype)
+        except TypeError:  # transformers < 4.56 calls it torch_dtype
+            model = cls.from_pretrained(path, torch_dtype=dtype)
     except Exception as e:  # noqa: BLE001 - any loader failure is one line
         raise CheckpointError(f"{path}: transformers cannot load the model ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
