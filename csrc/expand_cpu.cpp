@@ -15,14 +15,13 @@ namespace {
 
 template <int OUT>
 void dispatch_rows(const CpuArgs& a, const CpuPlan& p) {
-  const bool cf = a.col_factor != nullptr;
   const int mode = a.split == kSplitNone ? 0 : a.split == kSplitLemon ? 1 : 2;
   // >= 64K target elements per task: parallel_for's per-task cost stays below 1%.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.ct, 1));
   at::parallel_for(0, a.rt, grain, [&](int64_t b, int64_t e) {
-    if (mode == 0) cf ? expand_rows<OUT, 0, true>(a, p, b, e) : expand_rows<OUT, 0, false>(a, p, b, e);
-    else if (mode == 1) cf ? expand_rows<OUT, 1, true>(a, p, b, e) : expand_rows<OUT, 1, false>(a, p, b, e);
-    else cf ? expand_rows<OUT, 2, true>(a, p, b, e) : expand_rows<OUT, 2, false>(a, p, b, e);
+    if (mode == 0) expand_rows<OUT, 0>(a, p, b, e);
+    else if (mode == 1) expand_rows<OUT, 1>(a, p, b, e);
+    else expand_rows<OUT, 2>(a, p, b, e);
   });
 }
 
@@ -72,8 +71,7 @@ at::Tensor expand_cpu(const at::Tensor& source, const at::Tensor& row_map, const
   switch (out_kind(out_dtype)) {
     case kOutF32: dispatch_rows<kOutF32>(a, plan); break;
     case kOutBF16: dispatch_rows<kOutBF16>(a, plan); break;
-    case kOutF16: dispatch_rows<kOutF16>(a, plan); break;
-    default: dispatch_rows<kOutF64>(a, plan); break;
+    default: dispatch_rows<kOutF16>(a, plan); break;
   }
   return out;
 }

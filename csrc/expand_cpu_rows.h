@@ -36,6 +36,14 @@ struct CpuPlan {
   uint32_t base = 0;
   int64_t quads = 0;           // source-column quads; table row stride is 4 * quads
   std::vector<std::vector<int32_t>> slot_quads;  // per slot, the quads some column reads
+  // LEMON tree, level by level (the path of column j depends on n and m only): per level d,
+  // lv_off[d][j] = table offset of the draw, lv_base[d][j] = n_l / cnt, lv_flags[d][j] = active
+  // | even << 1 | left << 2. Level passes are branch-free loops over j, so they vectorise;
+  // walking each column's tree instead mispredicts the random swaps (measured 4x slower).
+  int depth = 0;
+  std::vector<std::vector<int32_t>> lv_off;
+  std::vector<std::vector<float>> lv_base;
+  std::vector<std::vector<uint8_t>> lv_flags;
 };
 
 // Streams column (n, m) reads, as slot indices (row-independent: the LEMON path depends on
@@ -77,6 +85,28 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     if (c == kZero || c == kFree || p.slots == 0 || cs == 0) continue;
     slots_read(split, gsize[j], gpos[j], s);
     for (int t : s) need[t][p.ucol[j] >> 2] = 1;
+  }
+  if (split == kSplitLemon) {
+    for (int n = 2; n <= max_n; ++n) { int d = 0; for (int c = n; c > 1; c = (c + 1) / 2) ++d; p.depth = std::max(p.depth, d); }
+    p.lv_off.assign(p.depth, std::vector<int32_t>(ct, 0));
+    p.lv_base.assign(p.depth, std::vector<float>(ct, 0.0f));
+    p.lv_flags.assign(p.depth, std::vector<uint8_t>(ct, 0));
+    for (int64_t j = 0; j < ct; ++j) {
+      if (col_map[j] == kZero || col_map[j] == kFree) continue;
+      int cnt = gsize[j], lo = 0, node = 0, d = 0;
+      const int m = gpos[j];
+      while (cnt > 1) {
+        const int nl = (cnt + 1) / 2, nr = cnt / 2;
+        const bool left = m < lo + nl;
+        p.lv_off[d][j] = int32_t(node * 4 * p.quads + p.ucol[j]);
+        p.lv_base[d][j] = float(nl) / float(cnt);
+        p.lv_flags[d][j] = uint8_t(1 | (nl == nr ? 2 : 0) | (left ? 4 : 0));
+        lo = left ? lo : lo + nl;
+        node = left ? 2 * node + 1 : 2 * node + 2;
+        cnt = left ? nl : nr;
+        ++d;
+      }
+    }
   }
   p.slot_quads.resize(p.slots);
   for (int t = 0; t < p.slots; ++t)
@@ -128,46 +158,119 @@ struct TableDraws {
   float operator()(uint32_t stream) const { return tbl[int64_t(stream - base) * stride + col]; }
 };
 
-// Target rows [begin, end). MODE 0: no split, 1: LEMON, 2: any split (runtime switch).
-template <int OUT, int MODE, bool HAS_CF>
+// Row passes: branch-free loops over the target columns, compiled for AVX-512, AVX2 and the
+// baseline ISA and picked at load time (GCC target_clones), so the wheel still runs on any
+// x86-64. No FMA in any clone: -ffp-contract=off, and no clone enables "fma".
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LEMON_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define LEMON_CLONES
+#endif
+
+// val[j] = S'[r, col_map[j]] (* rf) (* cf[j]), float32.
+LEMON_CLONES void gather_row(const float* __restrict sv, const int32_t* __restrict cidx,
+                             const float* __restrict cf, float* __restrict val, int64_t n) {
+  if (cf) for (int64_t j = 0; j < n; ++j) val[j] = sv[cidx[j]] * cf[j];
+  else for (int64_t j = 0; j < n; ++j) val[j] = sv[cidx[j]];
+}
+
+template <int OUT>
+LEMON_HD void round_t(float* __restrict val, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) val[j] = round_out<OUT>(val[j]);
+}
+LEMON_CLONES void round_row(float* __restrict val, int64_t n, int out) {
+  if (out == kOutBF16) round_t<kOutBF16>(val, n);
+  else if (out == kOutF16) round_t<kOutF16>(val, n);
+}
+
+// One level of the LEMON tree for every column (split_lemon's loop body, as selects).
+template <int OUT>
+LEMON_HD void lemon_level_t(const float* __restrict tbl, const int32_t* __restrict off,
+                            const float* __restrict base, const uint8_t* __restrict flags,
+                            float* __restrict val, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float u = tbl[off[j]];
+    const int f = flags[j];
+    const bool even = f & 2, left = f & 4;
+    const bool swap = even && u >= 0.5f;
+    const float a_even = 0.5f + 0.25f * (2.0f * u - (swap ? 1.0f : 0.0f));
+    const float b = base[j];
+    const float a_odd = b + (b - 0.5f) * (2.0f * u - 1.0f);
+    const float x = val[j];
+    const float first = round_out<OUT>((even ? a_even : a_odd) * x);
+    const float second = x - first;
+    const float nv = (left != swap) ? first : second;
+    val[j] = (f & 1) ? nv : x;
+  }
+}
+LEMON_CLONES void lemon_level(const float* tbl, const int32_t* off, const float* base,
+                              const uint8_t* flags, float* val, int64_t n, int out) {
+  if (out == kOutBF16) lemon_level_t<kOutBF16>(tbl, off, base, flags, val, n);
+  else if (out == kOutF16) lemon_level_t<kOutF16>(tbl, off, base, flags, val, n);
+  else lemon_level_t<kOutF32>(tbl, off, base, flags, val, n);
+}
+
+template <int OUT>
+LEMON_HD void encode_t(const float* __restrict val, void* out, int64_t n) {
+  auto* o = static_cast<typename OutT<OUT>::type*>(out);
+  for (int64_t j = 0; j < n; ++j) o[j] = encode<OUT>(val[j]);
+}
+LEMON_CLONES void encode_row(const float* val, void* out, int64_t n, int kind) {
+  if (kind == kOutBF16) encode_t<kOutBF16>(val, out, n);
+  else if (kind == kOutF16) encode_t<kOutF16>(val, out, n);
+  else encode_t<kOutF32>(val, out, n);
+}
+
+// dst[4q + l] = U(row, 4q + l, stream) for the listed quads: one Philox call per quad. Blocks of
+// 64 quads in structure-of-arrays form so the 10 rounds vectorise (32x32->64 multiplies).
+LEMON_CLONES void philox_quads(const int32_t* __restrict quads, int64_t nq, uint32_t row,
+                               uint32_t stream, PhiloxKey key, float* __restrict dst) {
+  constexpr int B = 64;
+  float u[4][B];
+  for (int64_t k0 = 0; k0 < nq; k0 += B) {
+    const int nb = int(nq - k0 < B ? nq - k0 : B);
+    for (int k = 0; k < nb; ++k) {
+      const Words w = philox(uint32_t(quads[k0 + k]), row, stream, 0u, key.k0, key.k1);
+      u[0][k] = to_uniform(w.w[0]); u[1][k] = to_uniform(w.w[1]);
+      u[2][k] = to_uniform(w.w[2]); u[3][k] = to_uniform(w.w[3]);
+    }
+    for (int k = 0; k < nb; ++k) {
+      float* d = dst + 4 * int64_t(quads[k0 + k]);
+      d[0] = u[0][k]; d[1] = u[1][k]; d[2] = u[2][k]; d[3] = u[3][k];
+    }
+  }
+}
+
+// Target rows [begin, end). MODE 0: no split, 1: LEMON, 2: any split (scalar, runtime switch).
+template <int OUT, int MODE>
 void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end) {
   using O = typename OutT<OUT>::type;
-  std::vector<float> srow(a.cs + 2);
+  std::vector<float> srow(a.cs + 2), val(a.ct);
   std::vector<float> tbl(size_t(p.slots) * p.quads * 4);
   const int64_t stride = p.quads * 4;
-  const int32_t* __restrict cidx = p.cidx.data();
-  const float* __restrict cf = a.col_factor;
   for (int64_t i = begin; i < end; ++i) {
     O* __restrict out = static_cast<O*>(a.out) + i * a.ct;
     const int64_t r = a.row_map[i];
     if (r == kZero) { std::fill(out, out + a.ct, encode<OUT>(0.0f)); continue; }
     const bool has_rf = a.row_factor != nullptr;
     stage_row(a, r, has_rf, has_rf ? a.row_factor[i] : 1.0f, srow.data());
-    const float* __restrict sv = srow.data();
     const uint32_t row = uint32_t(uint64_t(i + a.row_offset));
-    for (int t = 0; t < p.slots; ++t) {  // one Philox call per (quad, stream), 4 words kept
-      float* dst = tbl.data() + t * stride;
-      for (int32_t q : p.slot_quads[t]) {
-        const Words w = philox(uint32_t(q), row, p.base + uint32_t(t), 0u, a.key.k0, a.key.k1);
-        for (int l = 0; l < 4; ++l) dst[4 * q + l] = to_uniform(w.w[l]);
-      }
-    }
-    if constexpr (MODE == 0) {  // gather, scale, cast: vectorises (AVX2 gathers when enabled)
+    for (int t = 0; t < p.slots; ++t)
+      philox_quads(p.slot_quads[t].data(), int64_t(p.slot_quads[t].size()), row, p.base + uint32_t(t),
+                   a.key, tbl.data() + t * stride);
+    gather_row(srow.data(), p.cidx.data(), a.col_factor, val.data(), a.ct);
+    if constexpr (MODE == 1) {
+      round_row(val.data(), a.ct, OUT);
+      for (int d = 0; d < p.depth; ++d)
+        lemon_level(tbl.data(), p.lv_off[d].data(), p.lv_base[d].data(), p.lv_flags[d].data(),
+                    val.data(), a.ct, OUT);
+    } else if constexpr (MODE == 2) {
       for (int64_t j = 0; j < a.ct; ++j) {
-        float v = sv[cidx[j]];
-        if constexpr (HAS_CF) v = v * cf[j];
-        out[j] = encode<OUT>(v);
-      }
-    } else {
-      for (int64_t j = 0; j < a.ct; ++j) {
-        float v = sv[cidx[j]];
-        if constexpr (HAS_CF) v = v * cf[j];
         const TableDraws U{tbl.data(), stride, p.base, p.ucol[j]};
-        const float x = MODE == 1 ? split_lemon<OUT>(v, p.gsize[j], p.gpos[j], U)
-                                  : split_value<OUT>(a.split, v, p.gsize[j], p.gpos[j], a.noise_std, U);
-        out[j] = encode<OUT>(x);
+        val[j] = split_value<OUT>(a.split, val[j], p.gsize[j], p.gpos[j], a.noise_std, U);
       }
     }
+    encode_row(val.data(), out, a.ct, OUT);
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
     int64_t last_quad = -1;
     Words w{};

@@ -145,6 +145,8 @@ def expand(
     wide = source.dtype == torch.float64 or out_dtype == torch.float64
     if wide and backend == "auto":
         name = "torch"
+    elif wide and name != "torch":
+        raise LemonError(f"float64 expansion runs on the torch backend only (asked for {name!r})")
     factor_dtype = torch.float64 if wide else torch.float32
     args = (
         source, row_map, col_map,
