@@ -81,3 +81,63 @@ def current_rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def synthetic_llama_config(hidden, ffn, heads, kv_heads, layers, vocab, dtype="bfloat16") -> dict:
+    """config.json of a Llama-shaped model (untied head), for synthetic checkpoints."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": hidden // heads, "num_hidden_layers": layers, "vocab_size": vocab,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+            "hidden_act": "silu", "initializer_range": 0.02, "dtype": dtype}
+
+
+def synthetic_llama_tensors(cfg: dict) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor of a LlamaForCausalLM with ``cfg``, in model order."""
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kvd = cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kvd, h)), (p + "self_attn.v_proj.weight", (kvd, h)),
+                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def make_synthetic_llama(path: str, cfg: dict, *, dtype=torch.bfloat16, max_shard_size="1GB", seed: int = 0) -> int:
+    """Write a sharded Llama-shaped checkpoint in bounded memory (streamed with our shard writer).
+
+    Values are slices of one 32 Mi-element random block (generating fresh noise per tensor costs
+    more than the expansion itself on 2 cores); norm gains are 1. Returns the bytes of tensors.
+    """
+    import math
+
+    from .outdir import write_json_atomic
+    from .shards import build_index, plan_shards
+    from .writer import ShardWriter
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    g = torch.Generator().manual_seed(seed)
+    block = (torch.randn(1 << 25, generator=g) * 0.02).to(dtype)
+    shapes = dict(synthetic_llama_tensors(cfg))
+    shards = plan_shards([(n, dtype, s) for n, s in shapes.items()], max_shard_size)
+    for sh in shards:
+        w = ShardWriter(path, sh, fsync=False)
+        for name, _, shape in sh.tensors:
+            n = math.prod(shape)
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=dtype)
+            else:
+                start = (hash(name) & 0xFFFF) * 7 % max(1, block.numel() - n) if n < block.numel() else 0
+                t = block[start:start + n] if n <= block.numel() else block.repeat(-(-n // block.numel()))[:n]
+            w.write(name, t.reshape(shape))
+        w.close()
+    index = build_index(shards)
+    if index is not None:
+        write_json_atomic(os.path.join(path, "model.safetensors.index.json"), index)
+    return sum(sh.nbytes for sh in shards)
