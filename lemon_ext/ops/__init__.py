@@ -13,6 +13,7 @@ and dispatches to a backend:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -29,6 +30,12 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")  # "auto" takes the first usable o
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # find_spec walks sys.path: ~3 ms, paid on every op call before this cache.
+    return importlib.util.find_spec("triton") is not None
 
 
 def backends() -> dict[str, str | None]:
@@ -50,7 +57,7 @@ def backends() -> dict[str, str | None]:
             cuda = "no GPU visible"
         else:
             cuda = None
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         triton = "triton is not installed (pip install triton)"
     elif not torch.cuda.is_available() and not _interpreting():
         triton = "no GPU (set TRITON_INTERPRET=1 before the first Triton call to interpret on CPU)"
