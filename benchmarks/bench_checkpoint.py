@@ -23,60 +23,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def llama_config(hidden, ffn, heads, kv, layers, vocab=32000):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "head_dim": hidden // heads, "num_hidden_layers": layers, "vocab_size": vocab,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-            "hidden_act": "silu", "initializer_range": 0.02, "dtype": "bfloat16"}
+def generate(path, cfg):
+    """A sharded bf16 checkpoint written in bounded memory (lemon_ext.checkpoint.testing)."""
+    sys.path.insert(0, ROOT)
+    from lemon_ext.checkpoint.testing import make_synthetic_llama
 
-
-def llama_tensors(cfg):
-    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kvd = cfg["num_key_value_heads"] * cfg["head_dim"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
-                (p + "self_attn.k_proj.weight", (kvd, h)), (p + "self_attn.v_proj.weight", (kvd, h)),
-                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                (p + "mlp.down_proj.weight", (h, f))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-
-
-def generate(path, cfg, shard_bytes=1 << 30):
-    """Write a sharded bf16 checkpoint; values are slices of one 64 MiB random block (fast)."""
-    import torch
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    block = (torch.randn(32 << 20) * 0.02).to(torch.bfloat16)
-    shards, cur, size, wmap = [], {}, 0, {}
-    tensors = llama_tensors(cfg)
-    for name, shape in tensors:
-        n = math.prod(shape)
-        reps = -(-n // block.numel())
-        t = (block.repeat(reps)[:n] if reps > 1 else block[:n]).reshape(shape).clone()
-        if name.endswith("norm.weight"):
-            t.fill_(1.0)
-        if cur and size + t.nbytes > shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name] = t
-        size += t.nbytes
-    shards.append(cur)
-    total = 0
-    for i, sd in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sd, os.path.join(path, fname), metadata={"format": "pt"})
-        total += sum(t.nbytes for t in sd.values())
-        wmap.update({k: fname for k in sd})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f)
-    return total
+    return make_synthetic_llama(path, cfg, max_shard_size="1GB")
 
 
 def child_expand(src, dst, sizes, shard):
@@ -146,7 +98,10 @@ def main():
     fixed = 2 * 2 * 32000 * h
     layers = max(2, math.ceil((a.source_gb * 1e9 - fixed) / per_layer))
     layers += layers % 2  # even, so 1.5x depth is an integer
-    cfg = llama_config(h, f, heads, kv, layers)
+    sys.path.insert(0, ROOT)
+    from lemon_ext.checkpoint.testing import synthetic_llama_config
+
+    cfg = synthetic_llama_config(h, f, heads, kv, layers, 32000)
     sizes = {"hidden_size": 2 * h, "intermediate_size": 2 * f, "num_attention_heads": 2 * heads,
              "num_key_value_heads": 2 * kv, "num_hidden_layers": layers * 3 // 2}
     src, dst, st = (os.path.join(a.workdir, n) for n in ("src", "dst", "st"))

@@ -213,6 +213,11 @@ def _break(kind: str, src: str, tmp_path) -> tuple[str, list, str]:
         cfg["intermediate_size"] = 80
         json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
         return d, args, "the config implies"
+    if kind == "unsupported_arch":
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        cfg["model_type"], cfg["architectures"] = "t5", ["T5Model"]
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        return d, args, "unknown model_type 't5'"
     if kind == "impossible_size":
         return d, ["--hidden-size", "16"], "hidden"
     if kind == "bad_bin":
@@ -224,7 +229,8 @@ def _break(kind: str, src: str, tmp_path) -> tuple[str, list, str]:
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt_header", "index_missing_file", "missing_tensor",
-                                  "unexpected_tensor", "shape", "config_disagrees", "impossible_size", "bad_bin"])
+                                  "unexpected_tensor", "shape", "config_disagrees", "impossible_size", "bad_bin",
+                                  "unsupported_arch"])
 def test_bad_input_is_one_line_and_no_output(sources, tmp_path, capsys, kind):
     src = sources[("sharded" if kind == "index_missing_file" else "safetensors", False)]
     bad, extra, must_name = _break(kind, src, tmp_path)
@@ -296,3 +302,26 @@ def test_dry_run_reads_no_weights_and_lists_every_error(sources, tmp_path, capsy
     err = capsys.readouterr().err
     assert "int3" in err and "missing from the source" in err and "already exists" in err
     assert os.listdir(tmp_path / "exists") == []
+
+
+@pytest.mark.parametrize("family", ["bert_base", "gpt2_tied"])
+def test_other_families_load_and_reproduce(tmp_path, family):
+    """A base model (BertModel, Post-LN: last_hidden_state[..., :D_S] + pooler compared) and GPT-2
+    (Conv1D weights stored (in, out), tied head): reload with transformers, equal in float64."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if family == "bert_base":
+        model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32))
+        sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+        sizes = dict(hidden_size=64, num_hidden_layers=3)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    model.eval().save_pretrained(src)
+    expand_checkpoint(src, dst, **sizes, progress=False)
+    res = verify_checkpoints(src, dst, dtype=torch.float64)
+    assert res["passed"] and res["max_rel_error"] < 1e-12, res
+    assert res["compared"].startswith("last_hidden_state" if family == "bert_base" else "logits")
