@@ -43,11 +43,12 @@ from lemon_ext.train import evaluate, train  # noqa: E402
 # Full run: sizes picked so the whole experiment fits ~30 min on this 2-core CPU while other jobs
 # share it (measured 07:35 UTC, load ~4.5, 1 thread: 0.55 s per step of the 220k-param target at
 # 1024 tokens, 0.15 s for the source). Cost in scratch-run units: source ~0.27 (per-op overhead,
-# not FLOPs, dominates at this size) + scratch 1 + LEMON 0.25 + 0.4 + 0.5 = ~2.4.
+# not FLOPs, dominates at this size) + scratch 1 + LEMON 0.25 + 0.4 + 0.5 + 0.75 + 0.5 (grown
+# AdamW state) = ~3.7: ~28 min measured under that load.
 FULL = dict(width=32, layers=2, heads=2, seq=64, batch=16, scratch_steps=800, lr=3e-3, warmup=40,
-            eval_every=20, ratios=(0.25, 0.4, 0.5), val_windows=128, dropout=0.0)
+            eval_every=20, ratios=(0.25, 0.4, 0.5, 0.75), grown_adam_ratios=(0.5,), val_windows=128, dropout=0.0)
 QUICK = dict(width=16, layers=1, heads=1, seq=32, batch=8, scratch_steps=40, lr=3e-3, warmup=4,
-             eval_every=10, ratios=(0.5,), val_windows=32, dropout=0.0)
+             eval_every=10, ratios=(0.5,), grown_adam_ratios=(0.5,), val_windows=32, dropout=0.0)
 
 
 class ByteWindows(torch.utils.data.Dataset):
@@ -162,9 +163,9 @@ def main(argv=None) -> dict:
     src_curve = run("source", source, train_set, val_set, p, T, args.out, args.device, args.seed)
 
     # 2. lossless expansion 2x width (heads doubled, head_dim kept) and 2x depth (interleaved)
-    expanded = lemon_ext.expand_model(
-        source.cpu(), hidden_size=tgt_shape["width"], intermediate_size=4 * tgt_shape["width"],
-        num_attention_heads=tgt_shape["heads"], num_hidden_layers=tgt_shape["layers"], seed=args.seed)
+    grow = dict(hidden_size=tgt_shape["width"], intermediate_size=4 * tgt_shape["width"],
+                num_attention_heads=tgt_shape["heads"], num_hidden_layers=tgt_shape["layers"], seed=args.seed)
+    expanded = lemon_ext.expand_model(source.cpu(), **grow)
     src_val = evaluate(source.to(args.device), val_set, batch_size=64)
     exp_val = evaluate(expanded.to(args.device), val_set, batch_size=64)
     print(f"source val {src_val:.6f}  expanded val {exp_val:.6f}  (|diff| {abs(src_val - exp_val):.2e})", flush=True)
@@ -180,18 +181,43 @@ def main(argv=None) -> dict:
     tokens_per_step = p["batch"] * p["seq"]
     scratch_flops = T * tokens_per_step * fpt_t
     source_flops = T * tokens_per_step * fpt_s
+
+    def record(r, steps, curve):
+        reach = first_reach(curve, target)
+        return {"budget_ratio": r, "total_steps": steps, "start_val_loss": curve[0][1], "final_val_loss": curve[-1][1],
+                "reached_scratch_final": reach is not None, "steps_to_reach": reach,
+                "flops_to_reach": None if reach is None else reach * tokens_per_step * fpt_t,
+                "flops_fraction_to_reach": None if reach is None else reach / T,
+                # scratch steps needed to reach this run's final loss: its compute-equivalent
+                "scratch_steps_to_match_final": first_reach(scratch_curve, curve[-1][1]), "curve": curve}
+
     runs = {}
     for r in p["ratios"]:
         steps = lemon_total_steps(T, r)
         curve = run(f"lemon_r{r:g}", copy.deepcopy(expanded), train_set, val_set, p, steps, args.out, args.device,
                     args.seed, eval_at_start=True)
-        reach = first_reach(curve, target)
-        runs[f"{r:g}"] = {
-            "budget_ratio": r, "total_steps": steps, "start_val_loss": curve[0][1], "final_val_loss": curve[-1][1],
-            "reached_scratch_final": reach is not None, "steps_to_reach": reach,
-            "flops_to_reach": None if reach is None else reach * tokens_per_step * fpt_t,
-            "flops_fraction_to_reach": None if reach is None else reach / T, "curve": curve,
-        }
+        runs[f"{r:g}"] = record(r, steps, curve)
+
+    # 3c. (beyond the paper) the same LEMON schedule, but AdamW state carried from the source's
+    # last checkpoint through expand_optimizer_state instead of a fresh optimizer
+    grown = {}
+    for r in p["grown_adam_ratios"]:
+        from lemon_ext.optim_state import expand_optimizer_state
+        from lemon_ext.train import build_adamw, latest_checkpoint
+
+        opt_s = build_adamw(source.cpu(), lr=p["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+        ckpt = torch.load(os.path.join(latest_checkpoint(os.path.join(args.out, "source")), "state.pt"),
+                          weights_only=False)
+        opt_s.load_state_dict(ckpt["optimizer"])
+        model_g = copy.deepcopy(expanded).cpu()
+        opt_g = expand_optimizer_state(opt_s, source, model_g, **grow)
+        for group in opt_g.param_groups:  # the source's schedule ended at lr ~0: restart at the peak
+            group["lr"] = p["lr"]
+            group.pop("initial_lr", None)
+        steps = lemon_total_steps(T, r)
+        curve = run(f"lemon_r{r:g}_grown_adam", model_g, train_set, val_set, p, steps, args.out, args.device,
+                    args.seed, eval_at_start=True, optimizer=opt_g)
+        grown[f"{r:g}"] = record(r, steps, curve)
 
     reached = [v for v in runs.values() if v["reached_scratch_final"]]
     best = min(reached, key=lambda v: v["steps_to_reach"]) if reached else None
@@ -205,10 +231,11 @@ def main(argv=None) -> dict:
         "expanded_start_val_loss": exp_val, "source_val_loss": src_val,
         "lossless_abs_diff": abs(exp_val - src_val),
         "target": {**tgt_shape, "params": sum(q.numel() for q in scratch.parameters())},
-        "hyper": {k: v for k, v in p.items() if k != "ratios"} | {"ratios": list(p["ratios"])},
+        "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "tokens_per_step": tokens_per_step, "flops_per_token_target": fpt_t, "flops_per_token_source": fpt_s,
         "scratch": {"steps": T, "final_val_loss": target, "flops": scratch_flops, "curve": scratch_curve},
         "lemon": runs,
+        "lemon_grown_adam": grown,
         # saving of from-scratch training FLOPs by the best run, at its first eval <= scratch final
         "flops_saving": None if best is None else 1.0 - best["steps_to_reach"] / T,
         "flops_saving_best_run": None if best is None else best["budget_ratio"],
@@ -221,8 +248,29 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "reproduce_lemon.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, "reproduce_lemon.png"))
+    with open(os.path.join(args.out, "reproduce_lemon_table.md"), "w") as f:
+        f.write(markdown(results))
     summary(results)
     return results
+
+
+def markdown(res) -> str:
+    """The results table (docs/reproduce_lemon.md is written from this, not by hand)."""
+    T, sf = res["scratch"]["steps"], res["scratch"]["flops"]
+    rows = ["| run | training steps | training FLOPs | final val loss | steps (FLOPs) to reach scratch final |",
+            "|---|---|---|---|---|",
+            f"| source GPT-2 L{res['source']['layers']}/D{res['source']['width']} pretraining | {T} | "
+            f"{res['source']['flops']:.3g} | {res['source']['final_val_loss']:.4f} | - |",
+            f"| target L{res['target']['layers']}/D{res['target']['width']} from scratch | {T} | {sf:.3g} | "
+            f"{res['scratch']['final_val_loss']:.4f} | {T} (100%) |"]
+    for name, run in [("", r) for r in res["lemon"].values()] + [
+            (", AdamW state grown", r) for r in res.get("lemon_grown_adam", {}).values()]:
+        reach = run["steps_to_reach"]
+        rows.append(f"| LEMON, budget {run['budget_ratio']:.0%}{name} | {run['total_steps']} | "
+                    f"{run['total_steps'] * res['tokens_per_step'] * res['flops_per_token_target']:.3g} | "
+                    f"{run['final_val_loss']:.4f} | "
+                    + (f"{reach} ({run['flops_fraction_to_reach']:.0%})" if reach else "not reached") + " |")
+    return "\n".join(rows) + "\n"
 
 
 def plot(res, path):
@@ -238,6 +286,9 @@ def plot(res, path):
     for key, run in res["lemon"].items():
         s, v = zip(*run["curve"])
         ax.plot([x / T for x in s], v, lw=1.5, label=f"LEMON, budget {run['budget_ratio']:.0%}")
+    for key, run in res.get("lemon_grown_adam", {}).items():
+        s, v = zip(*run["curve"])
+        ax.plot([x / T for x in s], v, lw=1.2, ls="--", label=f"LEMON, budget {run['budget_ratio']:.0%}, AdamW state grown")
     ax.axhline(res["scratch"]["final_val_loss"], color="gray", ls="--", lw=1, label="scratch final val loss")
     ax.axhline(res["source"]["final_val_loss"], color="tab:brown", ls=":", lw=1, label="source final val loss")
     ax.set_xlabel("target training FLOPs / from-scratch training FLOPs (source pretraining excluded)")

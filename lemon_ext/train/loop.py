@@ -247,8 +247,11 @@ def _run(model, train_data, eval_data, cfg: TrainConfig, rt, collate_fn, optimiz
             for m in range(cfg.grad_accum_steps):
                 batch = _to_device(next(micro), rt.device)
                 last = m == cfg.grad_accum_steps - 1
-                # DDP: all-reduce gradients only on the last micro-batch of the step
+                # DDP: all-reduce gradients only on the last micro-batch of the step;
+                # FSDP2: same through set_requires_gradient_sync (untested here: no GPU)
                 sync = contextlib.nullcontext() if (last or not is_ddp) else net.no_sync()
+                if rt.parallel == "fsdp" and cfg.grad_accum_steps > 1:  # pragma: no cover
+                    net.set_requires_gradient_sync(last)
                 with sync:
                     with _autocast(rt, bf16):
                         loss = compute_loss(net, batch) / cfg.grad_accum_steps
