@@ -325,3 +325,15 @@ def test_other_families_load_and_reproduce(tmp_path, family):
     res = verify_checkpoints(src, dst, dtype=torch.float64)
     assert res["passed"] and res["max_rel_error"] < 1e-12, res
     assert res["compared"].startswith("last_hidden_state" if family == "bert_base" else "logits")
+
+
+def test_failed_verification_exits_3_and_leaves_no_dst(sources, tmp_path, capsys, monkeypatch):
+    from lemon_ext.checkpoint import verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "verify_checkpoints", lambda *a, **k: {
+        "passed": False, "max_rel_error": 0.5, "tolerance": 1e-3, "compared": "logits"})
+    dst = str(tmp_path / "dst")
+    assert main([sources[("safetensors", False)], dst, *ARGS, "--verify"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "verification failed" in err and "\n" not in err
+    assert not os.path.exists(dst)

@@ -34,13 +34,19 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def sync(self, error: str | None, payload=None) -> list:
-        """Gather (error, payload) from every rank; raise the first error anywhere on all ranks."""
-        got = self.gather((error, payload))
+    def sync(self, error: Exception | str | None, payload=None) -> list:
+        """Gather (error, payload) from every rank; raise the first error anywhere on all ranks
+        (a rank's own error keeps its type, e.g. VerificationError; others get it as one line)."""
+        if self.world_size == 1:
+            got = [(error, payload)]
+        else:
+            got = self.gather((None if error is None else str(error), payload))
         for rank, (err, _) in enumerate(got):
             if err is not None:
-                if rank == self.rank or self.world_size == 1:
-                    raise CheckpointError(err)
+                if rank == self.rank and isinstance(error, Exception):
+                    raise error
+                if rank == self.rank:
+                    raise CheckpointError(str(err))
                 raise CheckpointError(f"rank {rank} failed: {err}")
         return [p for _, p in got]
 

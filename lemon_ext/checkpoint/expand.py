@@ -355,6 +355,7 @@ def expand_checkpoint(
     options = dict(symmetry_breaking=symmetry_breaking, allow_lossy=allow_lossy,
                    depth_placement=depth_placement if isinstance(depth_placement, str) else list(depth_placement))
     dist = init_from_env()
+    job = None
     try:
         job = analyze(src, sizes=sizes, options=options, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
         out = OutputDir(dst, src, overwrite=overwrite, resume=resume)
@@ -366,7 +367,7 @@ def expand_checkpoint(
             try:
                 out.prepare()
             except CheckpointError as e:
-                err = str(e)
+                err = e
         dist.sync(err)
         mine = shards_for_rank(job.shards, dist.rank, dist.world_size)
         err, res = None, {}
@@ -374,7 +375,7 @@ def expand_checkpoint(
             res = _write_my_shards(job, out, mine, device=dev, seed=seed, backend=backend,
                                    progress=progress, resume=resume, dist=dist)
         except LemonError as e:
-            err = str(e)
+            err = e
         results: dict = {}
         stats = []
         for r in dist.sync(err, res):
@@ -389,13 +390,12 @@ def expand_checkpoint(
                                  elapsed_write=time.time() - t0, world=dist.world_size, device=str(dev),
                                  stats=stats)
             except LemonError as e:
-                err = str(e)
+                err = e
         report = dist.sync(err, report)[0]
         return report
     finally:
-        job_src = locals().get("job")
-        if job_src is not None:
-            job_src.source.close()
+        if job is not None:
+            job.source.close()
         dist.close()
 
 
