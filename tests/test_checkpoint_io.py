@@ -346,3 +346,16 @@ def test_run_specs_refuses_missing_cuda():
         pytest.skip("a GPU is present")
     with pytest.raises(CheckpointError, match="CUDA is not available"):
         pipeline.run_specs([], lambda n: None, lambda s, t: None, device="cuda")
+
+
+def test_big_bin_files_are_unmapped_after_each_read(tmp_path, monkeypatch):
+    from lemon_ext.checkpoint import source as source_mod
+
+    monkeypatch.setattr(source_mod, "_UNMAP_BYTES", 0)  # every file counts as big
+    a = {"x": torch.randn(3, 4), "y": torch.randn(5)}
+    d = _write_dir(tmp_path, {"pytorch_model.bin": a})
+    with SourceCheckpoint(d) as src:
+        for _ in range(2):
+            for k, v in a.items():
+                assert torch.equal(src.get(k), v)
+                assert not src._bins  # the mapping was dropped: its pages leave RSS

@@ -342,6 +342,7 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
                     ev_h2d = torch.cuda.Event()
                     ev_h2d.record(h2d)
                 comp.wait_event(ev_h2d)
+                src_dev.record_stream(comp)  # allocated on h2d, used on comp: keep it until comp is done
             _acquire(live, abort)
             with torch.cuda.stream(comp):
                 out = _execute(spec, src_dev, seed=seed, dtype=dtype, device=dev, backend=backend)

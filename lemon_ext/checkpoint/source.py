@@ -7,8 +7,10 @@ problem): truncated or corrupt files, an index naming a missing file, a tensor t
 its file lacks (or the reverse).
 
 ``.bin`` files are loaded with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and
-``mmap=True`` (zip format since torch 1.6), so tensors are paged in lazily; a legacy non-zip file
-cannot be mapped and is loaded whole (said in a log line). The source is opened read-only.
+``mmap=True`` (zip format since torch 1.6), so tensors are paged in lazily; files over 256 MiB are
+unmapped after each read so their pages do not pile up in RSS. A legacy non-zip file cannot be
+mapped and is loaded whole (a log line says so; the memory bound then includes that file).
+The source is opened read-only.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ ST_SINGLE = "model.safetensors"
 ST_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+_UNMAP_BYTES = 256 << 20
 
 
 def _load_json(path: str, what: str) -> dict:
@@ -61,6 +64,7 @@ class SourceCheckpoint:
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._bins: OrderedDict[str, dict] = OrderedDict()
+        self._mapped: set[str] = set()  # .bin files loaded with mmap=True (zip format)
         self.entries: dict[str, TensorEntry] = {}
         self.weight_map: dict[str, str] = {}
         j = lambda n: os.path.join(self.path, n)  # noqa: E731
@@ -145,6 +149,7 @@ class SourceCheckpoint:
                 is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format since 1.6
             if is_zip:
                 sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+                self._mapped.add(fname)
             else:
                 log.warning("%s: legacy (non-zip) format cannot be memory-mapped; loading it whole", fpath)
                 sd = torch.load(fpath, map_location="cpu", weights_only=True)
@@ -202,9 +207,14 @@ class SourceCheckpoint:
             return read_into(self._fd(fname), ent, out, fpath)
         with self._lock:
             t = self._load_bin(fname)[name]
-        if out is None:
-            return t.contiguous().clone()
-        return out.copy_(t)
+            res = t.contiguous().clone() if out is None else out.copy_(t)
+            del t
+            if fname in self._mapped and os.path.getsize(os.path.join(self.path, fname)) > _UNMAP_BYTES:
+                # The pages of a memory-mapped file stay resident (and count in RSS) while it is
+                # mapped: unmap big files after each read; re-mapping costs one unpickling of the
+                # file's index (~ms), far less than the tensor copy.
+                self._bins.pop(fname, None)
+        return res
 
     def close(self) -> None:
         with self._lock:
