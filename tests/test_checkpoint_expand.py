@@ -337,3 +337,14 @@ def test_failed_verification_exits_3_and_leaves_no_dst(sources, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "verification failed" in err and "\n" not in err
     assert not os.path.exists(dst)
+
+
+def test_dtype_option_casts_and_rewrites_config(sources, tmp_path):
+    src, dst = sources[("safetensors", False)], str(tmp_path / "dst")
+    expand_checkpoint(src, dst, **SIZES, dtype="bf16", progress=False)
+    with SourceCheckpoint(src) as s:
+        sd = {n: s.get(n) for n in s.weight_map}
+    ref, _ = expand_state_dict(sd, s.config, dtype=torch.bfloat16, **SIZES)
+    got = read_output(dst)
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k]) for k in ref)
+    assert json.load(open(os.path.join(dst, "config.json")))["dtype"] == "bfloat16"
