@@ -6,6 +6,7 @@ Always install with ``pip install --no-build-isolation``: an isolated build pull
 """
 import glob
 import os
+from pathlib import Path
 
 import torch
 from setuptools import setup
@@ -29,6 +30,16 @@ cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA contracti
 extra = {"cxx": cxx_flags}
 define_macros = [("Py_LIMITED_API", "0x03090000")]
 if build_cuda:
+    # CUDA torch wheels keep some toolkit headers (cusparse.h, ...) in site-packages/nvidia/cu*/
+    # include; ATen's CUDA headers (host wrapper only, the .cu needs none) may need them when the
+    # system toolkit lacks them. -idirafter: searched last, never shadowing the toolkit's headers.
+    try:
+        import nvidia
+
+        for d in sorted(str(p) for d in nvidia.__path__ for p in Path(d).glob("cu*/include")):
+            cxx_flags += ["-idirafter", d]
+    except ImportError:
+        pass
     extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false", "-std=c++17"]
     define_macros.append(("LEMON_EXT_WITH_CUDA", "1"))
     ext = CUDAExtension(

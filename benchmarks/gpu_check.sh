@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One command for a GPU session (no network; torch 2.11+cu130, triton 3.6, nvcc): build the CUDA
+# kernels in place, run the op tests on the GPU, benchmark the three full shapes, print a short
+# table last. Budget: under 6 minutes. Logs and rows go to ${OUT:-/tmp}/lemon_gpu_check/.
+#   bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOG="${OUT:-/tmp}/lemon_gpu_check"
+mkdir -p "$LOG"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}" PATH="$CUDA_HOME/bin:$PATH"
+status=0
+step() { echo "== $(date -u +%T) $*" | tee -a "$LOG/steps.log"; }
+
+step "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -1; git rev-parse --short HEAD; } 2>&1 | tee "$LOG/env.log"
+
+step "build (pip install --no-build-isolation --no-deps -e .; fallback: setup.py build_ext --inplace)"
+if ! timeout 240 python -m pip install --no-build-isolation --no-deps -e . >"$LOG/build.log" 2>&1; then
+  echo "pip build failed (tail below); trying setup.py build_ext --inplace" | tee -a "$LOG/steps.log"
+  tail -20 "$LOG/build.log"
+  timeout 240 python setup.py build_ext --inplace >>"$LOG/build.log" 2>&1 || { tail -40 "$LOG/build.log"; exit 1; }
+fi
+python -c "from lemon_ext import ops; print(ops.backends())" | tee "$LOG/backends.log"
+python -c "from lemon_ext import ops; import sys; b = ops.backends(); sys.exit(0 if b['cuda'] is None else 1)" \
+  || { echo "CUDA backend missing after the build: see $LOG/build.log"; status=1; }
+
+step "GPU tests (tests/test_ops*.py)"
+if ! timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_api.py \
+    tests/test_ops_triton.py -rs >"$LOG/tests.log" 2>&1; then
+  status=1
+fi
+tail -15 "$LOG/tests.log"
+
+step "benchmark: 3 full shapes x bf16/fp32 x circular/random x lemon/off"
+timeout 180 python benchmarks/bench_expand.py --out "$LOG/bench_expand.json" >"$LOG/bench.log" 2>&1 || status=1
+
+step "done (status $status); logs in $LOG"
+grep -E "passed|failed|error" "$LOG/tests.log" | tail -1 || true
+sed -n '/^| backend/,$p' "$LOG/bench.log"
+exit $status
