@@ -21,7 +21,13 @@ step "build (pip install --no-build-isolation --no-deps -e .; fallback: setup.py
 if ! timeout 240 python -m pip install --no-build-isolation --no-deps -e . >"$LOG/build.log" 2>&1; then
   echo "pip build failed (tail below); trying setup.py build_ext --inplace" | tee -a "$LOG/steps.log"
   tail -20 "$LOG/build.log"
-  timeout 240 python setup.py build_ext --inplace >>"$LOG/build.log" 2>&1 || { tail -40 "$LOG/build.log"; exit 1; }
+  if ! timeout 240 python setup.py build_ext --inplace >>"$LOG/build.log" 2>&1; then
+    # keep the CPU / Triton checks alive: build without the CUDA sources and report the failure
+    echo "CUDA build FAILED (see $LOG/build.log); rebuilding with LEMON_EXT_SKIP_CUDA_BUILD=1" | tee -a "$LOG/steps.log"
+    grep -E "error" "$LOG/build.log" | head -20 || true
+    status=1
+    LEMON_EXT_SKIP_CUDA_BUILD=1 timeout 200 python setup.py build_ext --inplace >>"$LOG/build_nocuda.log" 2>&1 || exit 1
+  fi
 fi
 python -c "from lemon_ext import ops; print(ops.backends())" | tee "$LOG/backends.log"
 python -c "from lemon_ext import ops; import sys; b = ops.backends(); sys.exit(0 if b['cuda'] is None else 1)" \
