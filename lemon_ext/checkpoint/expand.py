@@ -30,7 +30,7 @@ from .report import copy_aux_files, model_card, plan_rows, versions, write_confi
 from .safetensors_format import dtype_size
 from .shards import Shard, build_index, parse_size, plan_shards, shards_for_rank
 from .source import SourceCheckpoint, _load_json
-from .writer import ShardWriter
+from .writer import ShardWriter, Syncer
 
 log = logging.getLogger("lemon_ext.checkpoint")
 
@@ -283,6 +283,8 @@ def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, back
                desc="writing" if dist.world_size == 1 else f"rank {dist.rank} writing", dynamic_ncols=True,
                position=dist.rank if dist.world_size > 1 else None, leave=dist.world_size == 1)
     state = {"i": 0, "w": None}
+    # fsync off the writer thread; the resume record follows the fsync (see writer.Syncer).
+    syncer = Syncer(lambda path, fname, sha, size: out.record(fname, job.fingerprint, sha, size))
 
     def sink(spec, t):
         if state["w"] is None:
@@ -292,22 +294,29 @@ def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, back
         bar.update(t.numel() * t.element_size())
         if w.done:
             sha, size = w.close()
-            out.record(w.shard.filename, job.fingerprint, sha, size)
+            syncer.submit(w.path, w.shard.filename, sha, size)
             results[w.shard.filename] = {"sha256": sha, "size": size, "resumed": False}
             state["w"], state["i"] = None, state["i"] + 1
 
     try:
         stats = run_specs(ordered, job.source.get, sink, device=device, seed=seed, dtype=job.dtypes,
-                  backend=backend, source_dtypes=job.source.dtypes, copy_out=False)
+                          backend=backend, source_dtypes=job.source.dtypes, copy_out=False)
+        t_sync = time.perf_counter()
+        syncer.join()
+        stats["fsync_wait"] = time.perf_counter() - t_sync
     except BaseException:
         if state["w"] is not None:
             state["w"].abort()
+        try:
+            syncer.join()  # finished shards keep their records for --resume
+        except Exception:  # noqa: BLE001 - the first error is the one raised
+            pass
         raise
     finally:
         bar.close()
     if stats.get("wall"):
-        log.info("stage seconds (overlapping): read %.1f, compute %.1f, write %.1f; wall %.1f",
-                 stats["read"], stats["compute"], stats["sink"], stats["wall"])
+        log.info("stage seconds (overlapping): read %.1f, compute %.1f, write %.1f; wall %.1f; final fsync wait %.1f",
+                 stats["read"], stats["compute"], stats["sink"], stats["wall"], stats.get("fsync_wait", 0.0))
     results["__stats__"] = stats
     return results
 

@@ -127,7 +127,7 @@ def make_synthetic_llama(path: str, cfg: dict, *, dtype=torch.bfloat16, max_shar
     shapes = dict(synthetic_llama_tensors(cfg))
     shards = plan_shards([(n, dtype, s) for n, s in shapes.items()], max_shard_size)
     for sh in shards:
-        w = ShardWriter(path, sh, fsync=False)
+        w = ShardWriter(path, sh)
         for name, _, shape in sh.tensors:
             n = math.prod(shape)
             if name.endswith("norm.weight"):
