@@ -348,3 +348,19 @@ def test_dtype_option_casts_and_rewrites_config(sources, tmp_path):
     got = read_output(dst)
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k]) for k in ref)
     assert json.load(open(os.path.join(dst, "config.json")))["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipelined_state_dict_equals_expand_state_dict(tied):
+    """The pipeline entry point for in-memory state dicts (the engine's large-sd/GPU path)."""
+    from transformers import LlamaForCausalLM
+
+    from lemon_ext.checkpoint import expand_state_dict_pipelined
+    from lemon_ext.checkpoint.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tied=tied))
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    ref, cfg_ref = expand_state_dict(sd, model.config.to_dict(), seed=3, **SIZES)
+    got, cfg_got = expand_state_dict_pipelined(sd, model.config.to_dict(), seed=3, device="cpu", **SIZES)
+    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref) and cfg_got == cfg_ref
