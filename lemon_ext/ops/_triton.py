@@ -174,6 +174,9 @@ def expand_triton(
         raise ValueError(f"triton expand: group size {max_n} > {MAX_GROUP_SIZE}")
     f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
     row_factor, col_factor, row_mean, col_mean = map(f32, (row_factor, col_factor, row_mean, col_mean))
+    # constexpr loop bounds rounded up to powers of two: fewer compiled variants (extra
+    # iterations are masked: cnt <= 1 / q >= n leave values unchanged)
+    max_n = triton.next_power_of_2(max_n) if max_n > 1 else max_n
     k0, k1 = noise.philox_key(seed, key)
     dummy = row_map
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
