@@ -34,7 +34,7 @@ python -c "from lemon_ext import ops; import sys; b = ops.backends(); sys.exit(0
   || { echo "CUDA backend missing after the build: see $LOG/build.log"; status=1; }
 
 step "GPU tests (tests/test_ops*.py)"
-if ! LEMON_OPS_TRITON_MATRIX=0 timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_api.py \
+if ! LEMON_OPS_TRITON_MATRIX=0 timeout 200 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_api.py \
     tests/test_ops_triton.py -rs >"$LOG/tests.log" 2>&1; then
   status=1
 fi
