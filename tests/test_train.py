@@ -1,6 +1,5 @@
 """lemon_ext.train: exact resume, decay groups, task types, metrics, argument errors (CPU)."""
 import json
-import os
 
 import pytest
 import torch
@@ -68,7 +67,6 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
 
 
 def test_training_lowers_loss_and_saves_final_checkpoint(tmp_path):
-    data = lm_data(64)
     # a learnable signal: each sequence repeats one token
     data = [{"input_ids": torch.full((16,), i % 48), "labels": torch.full((16,), i % 48)} for i in range(64)]
     res = train(tiny_gpt2(dropout=0.0), data, data[:16], out_dir=str(tmp_path), batch_size=8, total_steps=20,
