@@ -26,7 +26,9 @@ if build_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA contraction: bitwise-equal backends
+# No -std flag: BuildExtension picks the one the installed torch needs (C++17 for torch 2.11,
+# C++20 for 2.13+; torch 2.14 headers refuse C++17). The kernels are C++17-clean.
+cxx_flags += ["-fopenmp", "-ffp-contract=off"]  # no FMA contraction: bitwise-equal backends
 extra = {"cxx": cxx_flags}
 define_macros = [("Py_LIMITED_API", "0x03090000")]
 if build_cuda:
@@ -40,7 +42,7 @@ if build_cuda:
             cxx_flags += ["-idirafter", d]
     except ImportError:
         pass
-    extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false", "-std=c++17"]
+    extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--fmad=false"]
     define_macros.append(("LEMON_EXT_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "lemon_ext._C", cpp_sources + cuda_sources, extra_compile_args=extra,
