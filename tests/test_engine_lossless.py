@@ -129,3 +129,19 @@ def test_config_fields_rewritten():
                                          hidden_size=64, intermediate_size=200)
     assert isinstance(out, dict) and out["n_embd"] == 64 and out["n_head"] == 8 and out["n_inner"] == 200
     assert cfg_g["n_embd"] == 32  # input untouched
+
+
+def test_tied_head_not_stored_stays_absent():
+    """save_pretrained drops a tied lm_head.weight; the expansion must accept that and keep it so."""
+    cls, cfg = llama_family("mha_tied")
+    source = build(cls, cfg)
+    sd = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    sd_t, cfg_t = lemon_ext.expand_state_dict(sd, cfg, **WIDE)
+    assert "lm_head.weight" not in sd_t
+    target = cls(cfg_t).to(torch.float64).eval()
+    missing, unexpected = target.load_state_dict(sd_t, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    target.tie_weights()
+    x = token_batch()
+    with torch.no_grad():
+        assert relative_error(source(x).logits, target(x).logits) <= 1e-6

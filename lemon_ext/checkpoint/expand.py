@@ -16,11 +16,11 @@ import math
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.api import synthetic_dtype
 from ..errors import LemonError
 from .distributed import Dist, init_from_env, rank_device
 from .errors import CheckpointError, VerificationError
@@ -95,44 +95,15 @@ def _plan_expansion():
 
 
 def _plan(cfg: dict, shapes: dict | None, **kwargs):
-    """plan_expansion from the checkpoint's own names and shapes.
-
-    Workaround (engine at 80a2501): its layout chooser rejects a tied causal-LM checkpoint whose
-    head is not stored (what ``save_pretrained`` writes: ``lm_head.weight`` deduplicated away). We
-    then plan with the tied head's name added, and drop that head's spec again, so the output,
-    like the source, does not store it. Remove once ``_choose_layout`` accepts absent tied heads.
-    """
-    plan_expansion = _plan_expansion()
-    try:
-        return plan_expansion(cfg, source_shapes=shapes, **kwargs)
-    except LemonError as first:
-        if shapes is None or "layout" not in str(first):
-            raise
-        try:
-            from dataclasses import replace
-
-            from ..arch import find_architecture
-            arch = find_architecture(cfg)
-        except Exception:  # noqa: BLE001 - keep the engine's own message
-            raise first from None
-        for layout in arch.layouts:
-            added = {t: tuple(shapes[p]) for t, p in layout.tied if p in shapes and t not in shapes}
-            if not added:
-                continue
-            try:
-                plan = plan_expansion(cfg, source_shapes={**shapes, **added}, **kwargs)
-            except LemonError:
-                continue
-            return replace(plan, specs=[s for s in plan.specs if s.name not in added])
-        raise first from None
+    """plan_expansion from the checkpoint's own names and shapes (a tied head may be absent)."""
+    return _plan_expansion()(cfg, source_shapes=shapes, **kwargs)
 
 
 def _target_dtypes(plan, source: SourceCheckpoint, dtype: torch.dtype | None) -> dict:
     """Output dtype per target tensor, the rule of ``expand_state_dict``: the requested dtype, else
     the source tensor's own; synthetic tensors (no source) take the checkpoint's most common float
-    dtype (expand_state_dict takes its first tensor's; identical for single-dtype checkpoints)."""
-    floats = [d for d in source.dtypes.values() if d.is_floating_point]
-    default = Counter(floats).most_common(1)[0][0] if floats else torch.float32
+    dtype (``engine.api.synthetic_dtype``)."""
+    default = synthetic_dtype(source.dtypes.values())
     return {s.name: dtype or (source.dtypes[s.source] if s.source is not None else default) for s in plan.specs}
 
 

@@ -1,6 +1,8 @@
 """expand_state_dict / expand_model: the public entry points of the engine."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..errors import LemonError
@@ -56,10 +58,17 @@ def expand_state_dict(
     return sd_t, plan.target_config
 
 
+def synthetic_dtype(dtypes) -> torch.dtype:
+    """dtype of tensors built from constants (Post-LN identity norms): the checkpoint's most
+    common float dtype (float32 if it has none)."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return Counter(floats).most_common(1)[0][0] if floats else torch.float32
+
+
 def _dtype_of(source, sd_s) -> torch.dtype:
     if source is not None:
         return source.dtype
-    return next(iter(sd_s.values())).dtype  # synthetic tensors take the checkpoint's dtype
+    return synthetic_dtype(t.dtype for t in sd_s.values())
 
 
 def expand_model(model_s, **kwargs):

@@ -104,17 +104,24 @@ def _template(name: str) -> str:
 
 
 def _choose_layout(arch: Architecture, cfg: dict, names: set[str] | None) -> Layout:
+    """The model class layout: by the checkpoint's tensor names, else by config.architectures.
+
+    Layouts differ by backbone prefix ("model.", "transformer.", "bert.", "vit." or none), so the
+    first embedding's name decides. A tied head may be absent (save_pretrained drops it).
+    """
     if names is not None:
+        tie = bool(cfg.get(arch.tie_field, False))
         for layout in arch.layouts:
-            first = layout.prefix + arch.embeddings[0][0].rstrip("?")
-            heads = [n for n, _ in layout.head if not n.endswith("?")]
-            if first in names and all(h in names or h in dict(layout.tied) for h in heads):
-                if layout.head and not any(n.rstrip("?") in names for n, _ in layout.head):
-                    continue
-                return layout
+            if layout.prefix + arch.embeddings[0][0].rstrip("?") not in names:
+                continue
+            tied = dict(layout.tied) if tie else {}
+            missing = [n for n, _ in layout.head if not n.endswith("?") and n not in names and n not in tied]
+            if missing:
+                raise LemonError(f"tensor {missing[0]!r} is missing from the source ({arch.family} {layout.name})")
+            return layout
         raise LemonError(
-            f"the source tensors do not match any {arch.family} layout "
-            f"(expected e.g. {arch.layouts[-1].prefix + arch.embeddings[0][0]!r})"
+            f"the source tensors do not match any {arch.family} layout (expected one of "
+            f"{[layout.prefix + arch.embeddings[0][0] for layout in arch.layouts]})"
         )
     wanted = (cfg.get("architectures") or [None])[0]
     for layout in arch.layouts:
