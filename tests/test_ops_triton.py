@@ -1,16 +1,12 @@
 """Triton backend: within 1 ulp of the reference (bit-exact in practice), and Triton's own Philox
 stream equals lemon_ext.noise. Without a GPU this runs in the Triton interpreter, which must be
-switched on before any Triton kernel module is imported: hence the environment line below, at
-collection time (lemon_ext imports its Triton kernels lazily, on first use)."""
+switched on before triton.language is first imported: tests/conftest.py sets TRITON_INTERPRET=1
+for the whole session (lemon_ext imports its Triton kernels lazily, on first use)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
