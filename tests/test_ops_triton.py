@@ -4,7 +4,6 @@ switched on before triton.language is first imported: tests/conftest.py sets TRI
 for the whole session (lemon_ext imports its Triton kernels lazily, on first use)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
