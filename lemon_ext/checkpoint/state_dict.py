@@ -17,14 +17,15 @@ def expand_state_dict_pipelined(sd_s: dict, cfg_s, *, seed: int = 0, dtype=None,
                                 backend: str = "auto", output_device="cpu", **sizes_and_options):
     """(sd_t, cfg_t) like ``expand_state_dict``; tensors land on ``output_device`` (host by default)."""
     from ..engine import plan_expansion
+    from ..engine.api import synthetic_dtype
     from .expand import resolve_dtype
 
     shapes = {n: tuple(t.shape) for n, t in sd_s.items()}
     plan = plan_expansion(cfg_s, seed=seed, source_shapes=shapes, **sizes_and_options)
     plan.check_source(shapes)
     out_dtype = resolve_dtype(dtype)
-    first = next(iter(sd_s.values())).dtype if sd_s else torch.float32  # expand_state_dict's rule
-    dtypes = {s.name: out_dtype or (sd_s[s.source].dtype if s.source is not None else first) for s in plan.specs}
+    synthetic = synthetic_dtype(t.dtype for t in sd_s.values())  # expand_state_dict's rule
+    dtypes = {s.name: out_dtype or (sd_s[s.source].dtype if s.source is not None else synthetic) for s in plan.specs}
     sd_t: dict = {}
     run_specs(plan.specs, sd_s.__getitem__, lambda spec, t: sd_t.__setitem__(spec.name, t), device=device,
               seed=seed, dtype=dtypes, backend=backend, copy_out=True, output_device=output_device,

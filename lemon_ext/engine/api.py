@@ -37,7 +37,9 @@ def expand_state_dict(
         seed: noise seed (same seed -> identical tensors on every backend).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see ``lemon_ext.ops.backends()``).
         dtype: output dtype (default: each source tensor's own).
-        device: where to compute and return tensors (default: each source tensor's device).
+        device: where to compute (default: each source tensor's device). A host state dict with
+            ``device="cuda"`` streams through the GPU and comes back to the host, so a 7B model
+            never needs to fit on the GPU; otherwise tensors are returned on ``device``.
         **sizes_and_options: hidden_size, intermediate_size, num_attention_heads,
             num_key_value_heads, num_hidden_layers, symmetry_breaking, depth_placement,
             allow_lossy (see ``plan_expansion``).
@@ -46,6 +48,13 @@ def expand_state_dict(
     """
     if not isinstance(sd_s, dict):
         raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
+    if _host_to_gpu(sd_s, device):
+        # Many GB on the host, computed on a GPU: tensors go up, expand and come back through
+        # pinned buffers while the next one loads (the checkpoint streaming pipeline).
+        from ..checkpoint.state_dict import expand_state_dict_pipelined
+
+        return expand_state_dict_pipelined(sd_s, cfg_s, seed=seed, dtype=dtype, device=device,
+                                           backend=backend, output_device="cpu", **sizes_and_options)
     shapes = {name: tuple(t.shape) for name, t in sd_s.items()}
     plan = plan_expansion(cfg_s, seed=seed, source_shapes=shapes, **sizes_and_options)
     plan.check_source(shapes)
@@ -56,6 +65,12 @@ def expand_state_dict(
         sd_t[spec.name] = spec.execute(source, seed=seed, dtype=out_dtype or _dtype_of(source, sd_s),
                                        device=device, backend=backend)
     return sd_t, plan.target_config
+
+
+def _host_to_gpu(sd_s: dict, device) -> bool:
+    if device is None or torch.device(device).type != "cuda":
+        return False
+    return all(t.device.type == "cpu" for t in sd_s.values())
 
 
 def synthetic_dtype(dtypes) -> torch.dtype:
