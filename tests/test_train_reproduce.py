@@ -8,9 +8,6 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
-lemon_ext = pytest.importorskip("lemon_ext")
-if not hasattr(lemon_ext, "expand_model"):
-    pytest.skip("engine (lemon_ext.expand_model) not available", allow_module_level=True)
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "reproduce_lemon.py")
 
