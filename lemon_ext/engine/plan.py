@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -441,15 +441,11 @@ def plan_expansion(
 
 
 def _with_rule(spec: TensorSpec, rule: str) -> TensorSpec:
-    from dataclasses import replace
-
     return replace(spec, rule=rule)
 
 
 def _tied_copy(partner: TensorSpec, name: str) -> TensorSpec:
     """A tied head: the same tensor as its partner (same maps, same noise key)."""
-    from dataclasses import replace
-
     return replace(partner, name=name, rule=f"tied to {partner.name} (kept tied); {partner.rule}",
                    key_name=partner.key_name)
 
