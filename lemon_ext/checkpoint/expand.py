@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.api import synthetic_dtype
+from ..engine.api import DTYPES, synthetic_dtype
+from ..engine.api import resolve_dtype as engine_resolve_dtype
 from ..errors import LemonError
 from .distributed import Dist, init_from_env, rank_device
 from .errors import CheckpointError, VerificationError
@@ -36,9 +37,6 @@ log = logging.getLogger("lemon_ext.checkpoint")
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "num_hidden_layers")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float64": torch.float64, "fp64": torch.float64}
 #: Python + torch import, measured on the CI machine (ru_maxrss after imports): ~0.3 GiB.
 _BASE_RSS = 0.35 * 2**30
 #: End-to-end expansion throughput (target bytes written per second) measured by
@@ -47,13 +45,11 @@ _EST_BYTES_PER_S = {"cpu": 27e6, "cuda": 1.0e9}  # cpu: 11.35 GB in 418 s (run 2
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    """None, a torch.dtype, or a name ('bf16', 'float32', ...)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in _DTYPES:
-        raise CheckpointError(f"--dtype {dtype}: use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[key]
+    """The engine's dtype names, with the error worded for the command line."""
+    try:
+        return engine_resolve_dtype(dtype)
+    except LemonError:
+        raise CheckpointError(f"--dtype {dtype}: use one of {', '.join(sorted(DTYPES))}") from None
 
 
 @dataclass

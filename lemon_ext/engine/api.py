@@ -9,14 +9,18 @@ from ..errors import LemonError
 from .plan import plan_expansion
 
 
-def _resolve_dtype(dtype) -> torch.dtype | None:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None, a torch.dtype, or a name ('bf16', 'float32', 'torch.bfloat16', ...)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
-    if dtype not in table:
-        raise LemonError(f"dtype={dtype!r}: use one of {sorted(table)}")
-    return table[dtype]
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise LemonError(f"dtype={dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
 
 
 def expand_state_dict(
@@ -58,7 +62,7 @@ def expand_state_dict(
     shapes = {name: tuple(t.shape) for name, t in sd_s.items()}
     plan = plan_expansion(cfg_s, seed=seed, source_shapes=shapes, **sizes_and_options)
     plan.check_source(shapes)
-    out_dtype = _resolve_dtype(dtype)
+    out_dtype = resolve_dtype(dtype)
     sd_t = {}
     for spec in plan.specs:
         source = sd_s[spec.source] if spec.source is not None else None
