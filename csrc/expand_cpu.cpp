@@ -7,9 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "expand_checks.h"
 #include "expand_cpu_rows.h"
@@ -17,27 +14,21 @@
 namespace lemon {
 namespace {
 
-// Ask for transparent huge pages on a fresh large output (advice only: no bits change). First
-// touch of 4 KB pages is slow on VMs: a 64 MB tensor's first fill took ~700 ms with 4 KB pages vs
-// ~56 ms after MADV_HUGEPAGE on the dev VM (THP in "madvise" mode), more than the kernel itself.
-void advise_huge_pages(void* p, size_t n) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = uintptr_t(1) << 21;
-  const uintptr_t a = (uintptr_t(p) + huge - 1) & ~(huge - 1), e = (uintptr_t(p) + n) & ~(huge - 1);
-  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)p; (void)n;
-#endif
-}
+// No MADV_HUGEPAGE on the output: on the dev VM (THP "madvise" mode) it made the first touch
+// of fresh output pages 6x slower (98 MB: 885-1057 ms against 160-179 ms with 4 KB pages,
+// 2026-11-26), after an earlier session had measured it 12x faster; the kernel's THP policy
+// is the user's to set, not this op's.
 
 template <int OUT>
 void dispatch_rows(const CpuArgs& a, const CpuPlan& p) {
-  const int mode = a.split == kSplitNone ? 0 : a.split == kSplitLemon ? 1 : 2;
+  const int mode = a.split == kSplitNone ? 0 : a.split == kSplitLemon ? 1
+                 : (a.split == kSplitCancel || a.split == kSplitCancelEqual) ? 3 : 2;
   // >= 64K target elements per task: parallel_for's per-task cost stays below 1%.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.ct, 1));
   at::parallel_for(0, a.rt, grain, [&](int64_t b, int64_t e) {
     if (mode == 0) expand_rows<OUT, 0>(a, p, b, e);
     else if (mode == 1) expand_rows<OUT, 1>(a, p, b, e);
+    else if (mode == 3) expand_rows<OUT, 3>(a, p, b, e);
     else expand_rows<OUT, 2>(a, p, b, e);
   });
 }
@@ -54,7 +45,6 @@ at::Tensor expand_cpu(const at::Tensor& source, const at::Tensor& row_map, const
   const int64_t rt = in.row_map.numel(), ct = in.col_map.numel();
   at::Tensor out = at::empty({rt, ct}, source.options().dtype(out_dtype));
   if (rt == 0 || ct == 0) return out;
-  if (out.nbytes() >= (size_t(8) << 20)) advise_huge_pages(out.data_ptr(), out.nbytes());
   const int64_t* rm = in.row_map.data_ptr<int64_t>();
   const int64_t* cm = in.col_map.data_ptr<int64_t>();
   for (int64_t i = 0; i < rt; ++i)

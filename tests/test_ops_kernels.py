@@ -52,6 +52,16 @@ def test_dtype_pairs(device, backend, dtype, out_dtype):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", ["circular", "random", "sentinel"])
+def test_wide_rows_take_every_vector_path(device, backend, kind):
+    # 301 source columns = 76 Philox quads: the CPU kernel's 64-quad and 16-quad SIMD blocks plus
+    # padding; 700 target columns: long contiguous runs and gathered stretches in one row.
+    for split in ("lemon", "cancel", "none"):
+        args = make_case(kind, 9, 301, 11, 700, dtype=torch.bfloat16, split=split, device=device)
+        check(backend, args, f"wide rows/{kind}/{split}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_wide_groups_and_no_factors(device, backend):
     # groups up to MAX_GROUP_SIZE (5-level LEMON trees, 32 projection streams), no factors
     for split in R.SPLIT_MODES:
