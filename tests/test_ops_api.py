@@ -74,6 +74,16 @@ def test_raw_op_checks_name_the_argument():
         torch.ops.lemon_ext.expand(*args)
 
 
+@pytest.mark.skipif(skip_reason("cuda") is not None, reason=f"cuda: {skip_reason('cuda')}")
+@pytest.mark.parametrize("axis", ["row", "col"])
+def test_raw_cuda_op_refuses_out_of_range_maps(axis):
+    # the raw op, not the front door: a bad index must be an error, never a read outside the source
+    args = list(make_case("random", 4, 4, 6, 6, device="cuda"))
+    args[1 if axis == "row" else 2] = torch.tensor([0, 1, 9, 0, 0, 0], device="cuda")
+    with pytest.raises(RuntimeError, match=f"{axis}_map entries must be source"):
+        torch.ops.lemon_ext.expand(*args)
+
+
 @needs_cpu_kernel
 def test_opcheck():
     for split in ("none", "lemon", "projection"):

@@ -25,10 +25,18 @@ at::Tensor expand_cuda(const at::Tensor& source, const at::Tensor& row_map, cons
   const int64_t cs = source.size(1), rt = in.row_map.numel(), ct = in.col_map.numel();
   at::Tensor out = at::empty({rt, ct}, source.options().dtype(out_dtype));
   if (rt == 0 || ct == 0) return out;
-  // Map ranges are not checked here (it would cost a device sync): lemon_ext.ops.expand checks
-  // them. The group size bound is needed on the host anyway (shared-memory plan): one sync.
-  const int max_n = int(in.group_size.max().item<int32_t>());
+  // The group size bound is needed on the host anyway (shared-memory plan); the map ranges come
+  // back with it in the same copy, so a bad index is an error, never a read outside the source
+  // (one device sync per call, as before).
+  const at::Tensor bounds = at::stack({in.group_size.max().to(at::kLong), in.row_map.min(), in.row_map.max(),
+                                       in.col_map.min(), in.col_map.max()}).cpu();
+  const int64_t* b = bounds.data_ptr<int64_t>();
+  const int max_n = int(b[0]);
   TORCH_CHECK(max_n <= kMaxGroupSize, "expand: group_size holds ", max_n, " > ", kMaxGroupSize);
+  TORCH_CHECK(b[1] >= kMean && b[2] < source.size(0), "expand: row_map entries must be source rows in [0, ",
+              source.size(0), ") or ZERO (-1) / MEAN (-2); got range [", b[1], ", ", b[2], "]");
+  TORCH_CHECK(b[3] >= kFree && b[4] < cs, "expand: col_map entries must be source columns in [0, ", cs,
+              ") or ZERO (-1) / MEAN (-2) / FREE (-3); got range [", b[3], ", ", b[4], "]");
   // Column digest: cidx = c, cs (ZERO/FREE) or cs + 1 (MEAN); meta = n | m << 8 | FREE << 16 | ZERO << 17.
   const at::Tensor& c = in.col_map;
   const at::Tensor cidx = at::where(c >= 0, c, at::where(c == kMean, cs + 1, cs)).to(at::kInt).contiguous();
