@@ -86,9 +86,9 @@ struct CpuPlan {
   int slots = 0;               // streams staged: stream_base(split) + t, t < slots
   uint32_t base = 0;
   int64_t quads = 0;           // source-column quads
-  int64_t stride = 0;          // draws-table row: 4 * (quads + kPhiloxQuadPad) floats
-  // per slot, ranges [first, second) of the quads some column reads
-  std::vector<std::vector<std::pair<int32_t, int32_t>>> slot_ranges;
+  int64_t stride = 0;          // draws-table row: 4 * quads floats
+  // per slot, the quads some column reads, padded to a multiple of kPhiloxBlock
+  std::vector<std::vector<int32_t>> slot_quads;
   std::vector<ColumnPass> passes;  // LEMON: one per tree level; cancel: one
 };
 
@@ -138,7 +138,7 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
   p.slots = num_stream_slots(split, max_n);
   p.base = stream_base(split);
   p.quads = (cs + 3) / 4;
-  p.stride = 4 * (p.quads + kPhiloxQuadPad);
+  p.stride = 4 * p.quads;
   const int64_t table_size = std::max<int64_t>(p.slots, 1) * p.stride;
   std::vector<std::vector<char>> need(p.slots, std::vector<char>(p.quads, 0));
   std::vector<int> s;
@@ -191,15 +191,13 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     p.passes.push_back(std::move(c));
   }
   for (ColumnPass& c : p.passes) finish_pass(c, table_size, split == kSplitLemon);
-  p.slot_ranges.resize(p.slots);
-  for (int t = 0; t < p.slots; ++t)
+  p.slot_quads.resize(p.slots);
+  for (int t = 0; t < p.slots; ++t) {
+    auto& list = p.slot_quads[t];
     for (int64_t q = 0; q < p.quads; ++q)
-      if (need[t][q]) {
-        // A SIMD call computes 16 quads anyway: bridge gaps shorter than that.
-        auto& r = p.slot_ranges[t];
-        if (!r.empty() && q - r.back().second < kPhiloxQuadPad) r.back().second = int32_t(q + 1);
-        else r.emplace_back(int32_t(q), int32_t(q + 1));
-      }
+      if (need[t][q]) list.push_back(int32_t(q));
+    while (!list.empty() && list.size() % kPhiloxBlock) list.push_back(list.back());
+  }
   return p;
 }
 
@@ -352,7 +350,7 @@ template <int OUT, int MODE>
 void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end) {
   using O = typename OutT<OUT>::type;
   std::vector<float> srow(a.cs + 2), val(a.ct);
-  std::vector<float> tbl(size_t(std::max(p.slots, 1)) * p.stride);
+  std::vector<float> tbl(std::max<size_t>(size_t(std::max(p.slots, 1)) * p.stride, 4));  // >= 1 entry
   const PhiloxQuadsFn philox_quads = philox_quads_best();
   for (int64_t i = begin; i < end; ++i) {
     O* __restrict out = static_cast<O*>(a.out) + i * a.ct;
@@ -362,8 +360,8 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     stage_row(a, r, has_rf, has_rf ? a.row_factor[i] : 1.0f, srow.data());
     const uint32_t row = uint32_t(uint64_t(i + a.row_offset));
     for (int t = 0; t < p.slots; ++t)
-      for (const auto& range : p.slot_ranges[t])
-        philox_quads(range.first, range.second, row, p.base + uint32_t(t), a.key, tbl.data() + t * p.stride);
+      philox_quads(p.slot_quads[t].data(), int64_t(p.slot_quads[t].size()), row, p.base + uint32_t(t), a.key,
+                   tbl.data() + t * p.stride);
     gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
     if constexpr (MODE == 1 || MODE == 3) {
       round_row(val.data(), a.ct, OUT);

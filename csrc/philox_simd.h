@@ -1,9 +1,11 @@
-// Philox4x32-10 draws for a run of source-column quads of one row, vectorised across quads.
+// Philox4x32-10 draws for a list of source-column quads of one row, vectorised across quads.
 //
-// philox_quads_range(q0, q1, row, stream, key, dst) writes dst[4 q + l] = U(row, 4 q + l, stream)
-// for every quad q in [q0, q1) (the counter layout of lemon_ext/noise.py: c = (q, row, stream, 0),
-// word l). It may also write the quads up to q0 + 15 past q1: callers size their tables for it
-// (every value written is the true draw of its quad, so overlapping writes are harmless).
+// philox_quads(quads, n, row, stream, key, dst) writes dst[4 q + l] = U(row, 4 q + l, stream) for
+// every quad q in quads[0, n) (the counter layout of lemon_ext/noise.py: c = (q, row, stream, 0),
+// word l). n must be a multiple of kPhiloxBlock: callers pad their lists by repeating the last
+// quad (a repeated quad is written twice with the same value). A list, not a range: deep LEMON
+// nodes of random maps need scattered quads (1024 -> 2048 random: 519 needed per row, 944 if
+// computed as 16-quad ranges).
 //
 // Why intrinsics: GCC turns the 32x32 -> 64-bit Philox multiplies into vpmullq plus permutes;
 // measured on the dev VM (AMD EPYC, AVX-512, a slow vCPU: 52 ns per scalar call) 22 ns per call
@@ -22,9 +24,12 @@
 
 namespace lemon {
 
-inline void philox_quads_scalar(int64_t q0, int64_t q1, uint32_t row, uint32_t stream, PhiloxKey key,
+constexpr int64_t kPhiloxBlock = 16;
+
+inline void philox_quads_scalar(const int32_t* quads, int64_t n, uint32_t row, uint32_t stream, PhiloxKey key,
                                 float* dst) {
-  for (int64_t q = q0; q < q1; ++q) {
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t q = quads[k];
     const Words w = philox(uint32_t(q), row, stream, 0u, key.k0, key.k1);
     for (int l = 0; l < 4; ++l) dst[4 * q + l] = to_uniform(w.w[l]);
   }
@@ -45,13 +50,12 @@ __attribute__((target("avx512f"))) inline __m512 uniform_512(__m512i w) {
 // NB independent blocks of 16 quads in flight: one block is latency-bound (measured 11.2 ns per
 // quad on the dev VM), four keep the multipliers busy (~8 ns; the scalar path takes ~52 ns).
 template <int NB>
-__attribute__((target("avx512f"))) inline void philox_blocks_avx512(int64_t q, uint32_t row, uint32_t stream,
-                                                                   PhiloxKey key, float* dst) {
+__attribute__((target("avx512f"))) inline void philox_blocks_avx512(const int32_t* quads, uint32_t row,
+                                                                   uint32_t stream, PhiloxKey key, float* dst) {
   const __m512i m0 = _mm512_set1_epi32(int32_t(0xD2511F53u)), m1 = _mm512_set1_epi32(int32_t(0xCD9E8D57u));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i c0[NB], c1[NB], c2[NB], c3[NB];
   for (int b = 0; b < NB; ++b) {
-    c0[b] = _mm512_add_epi32(_mm512_set1_epi32(int32_t(q + 16 * b)), lane);
+    c0[b] = _mm512_loadu_si512(quads + 16 * b);
     c1[b] = _mm512_set1_epi32(int32_t(row));
     c2[b] = _mm512_set1_epi32(int32_t(stream));
     c3[b] = _mm512_setzero_si512();
@@ -77,22 +81,23 @@ __attribute__((target("avx512f"))) inline void philox_blocks_avx512(int64_t q, u
     const __m512 t2 = _mm512_unpacklo_ps(w2, w3), t3 = _mm512_unpackhi_ps(w2, w3);
     const __m512 r0 = _mm512_shuffle_ps(t0, t2, 0x44), r1 = _mm512_shuffle_ps(t0, t2, 0xEE);
     const __m512 r2 = _mm512_shuffle_ps(t1, t3, 0x44), r3 = _mm512_shuffle_ps(t1, t3, 0xEE);
-    float* d = dst + 4 * (q + 16 * b);
-#define LEMON_STORE_LANE(L)                                   \
-    _mm_storeu_ps(d + 16 * L + 0, _mm512_extractf32x4_ps(r0, L)); \
-    _mm_storeu_ps(d + 16 * L + 4, _mm512_extractf32x4_ps(r1, L)); \
-    _mm_storeu_ps(d + 16 * L + 8, _mm512_extractf32x4_ps(r2, L)); \
-    _mm_storeu_ps(d + 16 * L + 12, _mm512_extractf32x4_ps(r3, L));
+    // quad quads[16 b + 4 L + s] sits in 128-bit lane L of r_s
+    const int32_t* qb = quads + 16 * b;
+#define LEMON_STORE_LANE(L)                                                      \
+    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 0]), _mm512_extractf32x4_ps(r0, L)); \
+    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 1]), _mm512_extractf32x4_ps(r1, L)); \
+    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 2]), _mm512_extractf32x4_ps(r2, L)); \
+    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 3]), _mm512_extractf32x4_ps(r3, L));
     LEMON_STORE_LANE(0) LEMON_STORE_LANE(1) LEMON_STORE_LANE(2) LEMON_STORE_LANE(3)
 #undef LEMON_STORE_LANE
   }
 }
 
-__attribute__((target("avx512f"))) inline void philox_quads_avx512(int64_t q0, int64_t q1, uint32_t row,
+__attribute__((target("avx512f"))) inline void philox_quads_avx512(const int32_t* quads, int64_t n, uint32_t row,
                                                                   uint32_t stream, PhiloxKey key, float* dst) {
-  int64_t q = q0;
-  for (; q + 64 <= q1; q += 64) philox_blocks_avx512<4>(q, row, stream, key, dst);
-  for (; q < q1; q += 16) philox_blocks_avx512<1>(q, row, stream, key, dst);
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) philox_blocks_avx512<4>(quads + k, row, stream, key, dst);
+  for (; k < n; k += 16) philox_blocks_avx512<1>(quads + k, row, stream, key, dst);
 }
 
 __attribute__((target("avx2"))) inline __m256i mulhi_u32_256(__m256i a, __m256i m) {
@@ -106,12 +111,11 @@ __attribute__((target("avx2"))) inline __m256 uniform_256(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
 }
 
-__attribute__((target("avx2"))) inline void philox_quads_avx2(int64_t q0, int64_t q1, uint32_t row,
+__attribute__((target("avx2"))) inline void philox_quads_avx2(const int32_t* quads, int64_t n, uint32_t row,
                                                              uint32_t stream, PhiloxKey key, float* dst) {
   const __m256i m0 = _mm256_set1_epi32(int32_t(0xD2511F53u)), m1 = _mm256_set1_epi32(int32_t(0xCD9E8D57u));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t q = q0; q < q1; q += 8) {
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int32_t(q)), lane);
+  for (int64_t k = 0; k < n; k += 8) {
+    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quads + k));
     __m256i c1 = _mm256_set1_epi32(int32_t(row)), c2 = _mm256_set1_epi32(int32_t(stream));
     __m256i c3 = _mm256_setzero_si256();
     uint32_t k0 = key.k0, k1 = key.k1;
@@ -130,16 +134,16 @@ __attribute__((target("avx2"))) inline void philox_quads_avx2(int64_t q0, int64_
     const __m256 t2 = _mm256_unpacklo_ps(w2, w3), t3 = _mm256_unpackhi_ps(w2, w3);
     const __m256 r[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
                          _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-    float* d = dst + 4 * q;
+    const int32_t* qb = quads + k;  // quad qb[4 L + i] sits in 128-bit lane L of r[i]
     for (int i = 0; i < 4; ++i) {
-      _mm_storeu_ps(d + 4 * i, _mm256_castps256_ps128(r[i]));
-      _mm_storeu_ps(d + 16 + 4 * i, _mm256_extractf128_ps(r[i], 1));
+      _mm_storeu_ps(dst + 4 * int64_t(qb[i]), _mm256_castps256_ps128(r[i]));
+      _mm_storeu_ps(dst + 4 * int64_t(qb[4 + i]), _mm256_extractf128_ps(r[i], 1));
     }
   }
 }
 #endif
 
-using PhiloxQuadsFn = void (*)(int64_t, int64_t, uint32_t, uint32_t, PhiloxKey, float*);
+using PhiloxQuadsFn = void (*)(const int32_t*, int64_t, uint32_t, uint32_t, PhiloxKey, float*);
 
 // The widest path this CPU runs (decided once).
 inline PhiloxQuadsFn philox_quads_best() {
@@ -153,7 +157,5 @@ inline PhiloxQuadsFn philox_quads_best() {
 #endif
 }
 
-// Quads the SIMD paths may write past the end of a range.
-constexpr int64_t kPhiloxQuadPad = 16;
 
 }  // namespace lemon
