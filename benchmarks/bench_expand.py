@@ -4,7 +4,9 @@ For each present backend x shape x dtype x map kind (circular, random) x noise m
 ("lemon": LEMON split, draws on; "off": no split, no draws) it times the raw op (group layout and
 means prepared outside the timing, as the engine does once per tensor) and, in the same run:
 - ``copy_`` of the target's bytes (the bandwidth ceiling),
-- a naive PyTorch expansion: index_select x2, multiply, (randn), cast.
+- a naive PyTorch expansion: index_select x2, multiply, (randn), cast,
+- a fresh tensor of the target's size, allocated and filled (what any op returning a new tensor
+  pays for its pages; on a VM whose first touch is slow this bounds every ratio).
 GB/s counts the source read once + the target written once. Median times: triton.testing.do_bench
 on GPU, a simple median of wall times on CPU.
 
@@ -113,6 +115,9 @@ def bench_case(device, backend, shape, dtype, kind, noise, measure, reps):
 
     (t_op, c_op) = measure(op) if backend != "torch" else timer(device, 1)(op)
     t_copy, _ = measure(lambda: dst.copy_(other))
+    # The floor of any op that returns a new tensor: allocate one of the target's size and touch
+    # every page (on the dev VM a fresh page costs ~1.6 ms per MB, 20x a refill).
+    t_fresh, _ = measure(lambda: torch.empty(rt, ct, dtype=dtype, device=device).fill_(0))
     t_naive, c_naive = measure(naive)
     nbytes = src.numel() * src.element_size() + dst.numel() * dst.element_size()
     return {
@@ -120,6 +125,7 @@ def bench_case(device, backend, shape, dtype, kind, noise, measure, reps):
         "maps": kind, "noise": noise, "ms": t_op * 1e3, "gbps": nbytes / t_op / 1e9,
         "copy_ms": t_copy * 1e3, "copy_gbps": 2 * dst.numel() * dst.element_size() / t_copy / 1e9,
         "naive_ms": t_naive * 1e3, "pct_of_copy": 100 * t_copy / t_op, "x_naive": t_naive / t_op,
+        "fresh_output_ms": t_fresh * 1e3, "pct_fresh_output": 100 * t_fresh / t_op,
         "cpu_ms": c_op * 1e3, "naive_cpu_ms": c_naive * 1e3, "x_naive_cpu": c_naive / max(c_op, 1e-9),
     }
 
@@ -161,7 +167,9 @@ def main(argv=None):
                         print(f"{row['backend']:6} {row['shape']:24} {row['dtype']:8} {row['maps']:8} "
                               f"{row['noise']:5} {row['ms']:9.2f} ms {row['gbps']:7.1f} GB/s "
                               f"{row['pct_of_copy']:5.1f}% of copy  {row['x_naive']:5.1f}x naive "
-                              f"({row['x_naive_cpu']:5.1f}x in CPU time)", flush=True)
+                              f"({row['x_naive_cpu']:5.1f}x in CPU time)  fresh output "
+                              f"{row['fresh_output_ms']:.2f} ms = {row['pct_fresh_output']:.0f}% of the op",
+                              flush=True)
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,15 +195,16 @@ def _triton_version() -> str:
 
 def _summary(rows):
     """Short table last: per backend/dtype/maps/noise, the geometric-mean ratios over shapes."""
-    print("\n| backend | dtype | maps | noise | median GB/s | % of copy | x naive | x naive (CPU time) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| backend | dtype | maps | noise | median GB/s | % of copy | x naive | x naive (CPU time) "
+          "| fresh output, % of op |")
+    print("|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["backend"], r["dtype"], r["maps"], r["noise"]) for r in rows})
     for k in keys:
         sel = [r for r in rows if (r["backend"], r["dtype"], r["maps"], r["noise"]) == k]
         gm = lambda xs: statistics.geometric_mean(xs)  # noqa: E731
         print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {statistics.median(r['gbps'] for r in sel):.1f} | "
               f"{gm([r['pct_of_copy'] for r in sel]):.1f} | {gm([r['x_naive'] for r in sel]):.1f} | "
-              f"{gm([r['x_naive_cpu'] for r in sel]):.1f} |")
+              f"{gm([r['x_naive_cpu'] for r in sel]):.1f} | {gm([r['pct_fresh_output'] for r in sel]):.0f} |")
 
 
 if __name__ == "__main__":
