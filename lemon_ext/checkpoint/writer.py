@@ -1,8 +1,12 @@
 """Stream one safetensors shard to disk, tensor by tensor, hashing as it goes.
 
 The header is written first (the shard's layout is planned), then each tensor's bytes straight
-from the tensor's memory (a numpy view, no copy). The file is ``<name>.partial`` until every
-tensor is in; then it is renamed, so a file with a shard's final name holds every byte we wrote.
+from the tensor's memory (a numpy view, no copy). The sha256 of a tensor's bytes runs in a helper
+thread while the same bytes are written (both release the GIL): measured on the 2-core dev VM,
+2 GB written + hashed + fsynced took 24-36 s one after the other and 18-19 s side by side
+(sha256 alone runs at 0.28 GB/s there; the write alone took 12 s). The file is ``<name>.partial``
+until every tensor is in; then it is renamed, so a file with a shard's final name holds every
+byte we wrote.
 Durability is separate (``Syncer``): fsync runs in a background thread, so the pipeline keeps
 writing the next shard meanwhile. Measured on the 2-core CI VM (disk ~40 MB/s sustained): an
 fsync in the writer thread stalled the pipeline for ~50 s per 2 GB shard (benchmark 587 s vs 286 s
@@ -15,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -49,6 +54,7 @@ class ShardWriter:
         self.fsync = fsync
         self._next = 0
         self._sha = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lemon-sha256")
         self._size = 0
         self._f = None
         try:
@@ -59,9 +65,13 @@ class ShardWriter:
             raise CheckpointError(os_error_line(self.path, e)) from None
 
     def _emit(self, buf) -> None:
-        # Write before hashing: if the write fails the hash is moot. Both release the GIL.
-        self._f.write(buf)
-        self._sha.update(buf)
+        # Hash and write the same bytes side by side; return only when both are done, so the
+        # caller may reuse the buffer (the CUDA path hands over views of pinned staging buffers).
+        hashed = self._hasher.submit(self._sha.update, buf)
+        try:
+            self._f.write(buf)
+        finally:
+            hashed.result()
         self._size += len(buf) if isinstance(buf, bytes) else buf.nbytes
 
     @property
@@ -104,10 +114,12 @@ class ShardWriter:
         except OSError as e:
             self.abort()
             raise CheckpointError(os_error_line(self.path, e)) from None
+        self._hasher.shutdown()
         return self._sha.hexdigest(), self._size
 
     def abort(self) -> None:
         """Close and delete the partial file (frees the space a full disk needs back)."""
+        self._hasher.shutdown()
         if self._f is not None:
             try:
                 self._f.close()
