@@ -41,7 +41,7 @@ SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key
 _BASE_RSS = 0.35 * 2**30
 #: End-to-end expansion throughput (target bytes written per second) measured by
 #: benchmarks/bench_checkpoint.py on the 2-core CI machine; used only for the dry-run estimate.
-_EST_BYTES_PER_S = {"cpu": 27e6, "cuda": 1.0e9}  # cpu: 11.35 GB in 418 s (run 2); cuda: a guess, unmeasured
+_EST_BYTES_PER_S = {"cpu": 55e6, "cuda": 1.0e9}  # cpu: 11.35 GB in 208 s (1510b39, the disk bounds it); cuda: a guess, unmeasured
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
