@@ -14,6 +14,8 @@
 // bits (integer math; the uint -> float step is one exactly-rounded convert and one multiply).
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "expand_math.h"
 
@@ -145,17 +147,22 @@ __attribute__((target("avx2"))) inline void philox_quads_avx2(const int32_t* qua
 
 using PhiloxQuadsFn = void (*)(const int32_t*, int64_t, uint32_t, uint32_t, PhiloxKey, float*);
 
-// The widest path this CPU runs (decided once).
+// The widest path this CPU runs, decided once. LEMON_EXT_PHILOX=avx2 or =scalar picks a narrower
+// one (the tests run every path on an AVX-512 machine that way; an unsupported choice is ignored).
 inline PhiloxQuadsFn philox_quads_best() {
 #ifdef LEMON_X86_SIMD
-  static const PhiloxQuadsFn fn = __builtin_cpu_supports("avx512f") ? &philox_quads_avx512
-                                  : __builtin_cpu_supports("avx2") ? &philox_quads_avx2
-                                                                   : &philox_quads_scalar;
+  static const PhiloxQuadsFn fn = []() -> PhiloxQuadsFn {
+    const char* env = std::getenv("LEMON_EXT_PHILOX");
+    const std::string want = env ? env : "";
+    if (want == "scalar") return &philox_quads_scalar;
+    if (want != "avx2" && __builtin_cpu_supports("avx512f")) return &philox_quads_avx512;
+    if (__builtin_cpu_supports("avx2")) return &philox_quads_avx2;
+    return &philox_quads_scalar;
+  }();
   return fn;
 #else
   return &philox_quads_scalar;
 #endif
 }
-
 
 }  // namespace lemon

@@ -2,6 +2,12 @@
 CUDA kernels on a GPU machine, where Triton may differ by 1 ulp of the output dtype)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,6 +65,31 @@ def test_wide_rows_take_every_vector_path(device, backend, kind):
     for split in ("lemon", "cancel", "none"):
         args = make_case(kind, 9, 301, 11, 700, dtype=torch.bfloat16, split=split, device=device)
         check(backend, args, f"wide rows/{kind}/{split}")
+
+
+WIDE_ROW_CASES = [(kind, split) for kind in ("circular", "random") for split in ("lemon", "cancel", "projection")]
+
+
+@pytest.mark.skipif(skip_reason("cpu") is not None, reason=f"cpu: {skip_reason('cpu')}")
+@pytest.mark.parametrize("path", ["avx2", "scalar"])
+def test_every_philox_path_gives_the_same_bits(path, tmp_path):
+    # The C++ kernel picks its Philox path once per process (AVX-512 here); LEMON_EXT_PHILOX makes
+    # a fresh process take the narrower ones, so all three are checked on this machine.
+    out = tmp_path / "out.pt"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers_ops import make_case
+        outs = [torch.ops.lemon_ext.expand(*make_case(kind, 9, 301, 11, 700, dtype=torch.bfloat16, split=split))
+                for kind, split in {WIDE_ROW_CASES!r}]
+        torch.save(outs, {str(out)!r})
+    """)
+    env = dict(os.environ, LEMON_EXT_PHILOX=path)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for (kind, split), got in zip(WIDE_ROW_CASES, torch.load(out)):
+        want = reference(make_case(kind, 9, 301, 11, 700, dtype=torch.bfloat16, split=split))
+        assert_same_bits(got, want, f"{path}/{kind}/{split}")
 
 
 @pytest.mark.parametrize("device,backend", CASES)
