@@ -287,21 +287,8 @@ LEMON_CLONES void round_row(float* __restrict val, int64_t n, int out) {
   else if (out == kOutF16) round_t<kOutF16>(val, n);
 }
 
-// The two pass bodies of ColumnPass (see there), for one column.
-template <int OUT>
-LEMON_HD float lemon_step(float u, float p, float q, float e, float l, float x) {
-  const float s = u >= 0.5f ? e : 0.0f;
-  const float a = p + q * (2.0f * u - (s + (1.0f - e)));
-  const float first = round_out<OUT>(a * x);
-  return (l != s) ? first : x - first;
-}
-template <int OUT>
-LEMON_HD float cancel_step(float u, float p, float q, float sign, float zero, float x) {
-  const float e = round_out<OUT>((p + q * u) * x);
-  return zero != 0.0f ? 0.0f : (sign < 0.0f ? -e : e);
-}
-
-// val[j] = STEP(tbl[off[j]], params[j], val[j]): contiguous table reads along runs of off.
+// val[j] = STEP(tbl[off[j]], params[j], val[j]) with lemon_step / cancel_step (expand_math.h):
+// contiguous table reads along runs of off.
 template <int OUT, bool LEMON>
 LEMON_HD void pass_t(const float* __restrict tbl, const ColumnPass& c, float* __restrict val) {
   const float *__restrict P = c.p.data(), *__restrict Q = c.q.data(), *__restrict E = c.e.data(),

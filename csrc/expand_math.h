@@ -120,6 +120,19 @@ LEMON_HD float round_out(float x) {
 // ---- split modes: the value of target column j (source column c, group size n, rank m) ------
 // `U(stream)` returns the draw for (this row, c, stream). All inputs float32; see reference.py.
 
+// One LEMON split step of a value x already in the output dtype, given its draw u: with
+// s = u >= 1/2 ? e : 0, a = p + q (2u - (s + 1 - e)), first = round(a x), second = x - first
+// (exact, Sterbenz: a in [1/2, 1]); keeps first when l != s. Even split (n_l == n_r): p = 1/2,
+// q = 1/4, e = 1 (s is the swap); odd: p = n_l / cnt, q = p - 1/2, e = 0; l = 1 for the left
+// part. p = 1, q = 0, e = 0, l = 1 gives x back (the CPU passes use it for untouched columns).
+template <int OUT>
+LEMON_HD float lemon_step(float u, float p, float q, float e, float l, float x) {
+  const float s = u >= 0.5f ? e : 0.0f;
+  const float a = p + q * (2.0f * u - (s + (1.0f - e)));
+  const float first = round_out<OUT>(a * x);
+  return (l != s) ? first : x - first;
+}
+
 template <int OUT, class Draws>
 LEMON_HD float split_lemon(float v, int n, int m, const Draws& U) {
   float val = round_out<OUT>(v);
@@ -127,19 +140,10 @@ LEMON_HD float split_lemon(float v, int n, int m, const Draws& U) {
   while (cnt > 1) {
     const int nl = (cnt + 1) / 2, nr = cnt / 2;
     const float u = U(kStreamSplit + uint32_t(node));
-    float a;
-    bool swap = false;
-    if (nl == nr) {
-      swap = u >= 0.5f;
-      a = 0.5f + 0.25f * (2.0f * u - (swap ? 1.0f : 0.0f));
-    } else {
-      const float base = float(nl) / float(cnt);
-      a = base + (base - 0.5f) * (2.0f * u - 1.0f);
-    }
-    const float first = round_out<OUT>(a * val);
-    const float second = val - first;  // exact (Sterbenz: a in [1/2, 1])
-    const bool left = m < lo + nl;
-    val = (left != swap) ? first : second;
+    const float base = float(nl) / float(cnt);
+    const bool even = nl == nr, left = m < lo + nl;
+    val = lemon_step<OUT>(u, even ? 0.5f : base, even ? 0.25f : base - 0.5f, even ? 1.0f : 0.0f,
+                          left ? 1.0f : 0.0f, val);
     lo = left ? lo : lo + nl;
     node = left ? 2 * node + 1 : 2 * node + 2;
     cnt = left ? nl : nr;
@@ -160,14 +164,21 @@ LEMON_HD float split_projection(float v, int n, int m, float noise_std, const Dr
   return v / nf + noise_std * (mine - total / nf);
 }
 
+// One cancelling-pair step of x (already in the output dtype) with draw u:
+// zero ? 0 : sign * round((p + q u) x), p = 1/2, q = 1/4 (or 0 for the "equal" variant).
+template <int OUT>
+LEMON_HD float cancel_step(float u, float p, float q, float sign, float zero, float x) {
+  const float e = round_out<OUT>((p + q * u) * x);
+  return zero != 0.0f ? 0.0f : (sign < 0.0f ? -e : e);
+}
+
 // Cancel: pairs (2p, 2p+1) get +e, -e; unpaired parts (last of an odd group, groups of size
 // 0 or 1) get 0.
 template <int OUT, class Draws>
 LEMON_HD float split_cancel(float v, int n, int m, bool equal, const Draws& U) {
   if (n <= 1 || (m == n - 1 && (n & 1))) return 0.0f;
-  const float a = equal ? 0.5f : 0.5f + 0.25f * U(kStreamCancel + uint32_t(m / 2));
-  const float e = round_out<OUT>(a * round_out<OUT>(v));
-  return (m & 1) ? -e : e;
+  const float u = equal ? 0.0f : U(kStreamCancel + uint32_t(m / 2));
+  return cancel_step<OUT>(u, 0.5f, equal ? 0.0f : 0.25f, (m & 1) ? -1.0f : 1.0f, 0.0f, round_out<OUT>(v));
 }
 
 template <int OUT, class Draws>
