@@ -15,6 +15,7 @@ CPU runs use scaled-down shapes by default (the GPU shapes take minutes per row 
 
     python benchmarks/bench_expand.py --quick            # CPU, a few minutes
     python benchmarks/bench_expand.py --out $OUT/bench.json   # GPU: the three full shapes
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_expand.py  # CPU with torch's huge-page allocator
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def git_commit() -> str:
                               text=True, timeout=10).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def cpu_allocator() -> str:
+    """Which pages torch's CPU allocator hands out: c10 madvises allocations >= 2 MB to
+    transparent huge pages when THP_MEM_ALLOC_ENABLE=1 is set before torch loads. On the dev VM
+    a fresh 4 KB page costs ~1.3-2.4 ms per MB and a recycled huge page ~0.15 ms per MB, so every
+    ratio against a baseline that allocates depends on it; both the op and the baselines of one
+    run use the same allocator."""
+    import os
+
+    return "thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "4k-pages"
 
 
 def timer(device: str, reps: int):
@@ -152,6 +164,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
         "torch": torch.__version__, "triton": _triton_version(), "commit": git_commit(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "cpu_allocator": cpu_allocator(),
     }
     print(f"# {meta}  backends={backends}  skipped={skipped}", flush=True)
     rows = []
