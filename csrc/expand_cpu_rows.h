@@ -251,8 +251,9 @@ struct TableDraws {
 
 // Row passes: branch-free loops over the target columns, compiled for AVX-512, AVX2 and the
 // baseline ISA and picked at load time (GCC target_clones), so the wheel still runs on any
-// x86-64. No FMA in any clone: -ffp-contract=off, and no clone enables "fma".
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// x86-64. No FMA in any clone: -ffp-contract=off, and no clone enables "fma". LEMON_NO_CLONES
+// compiles one plain copy (tests/native/isa_variants.cpp builds it for baseline x86-64).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LEMON_NO_CLONES)
 #define LEMON_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define LEMON_CLONES
