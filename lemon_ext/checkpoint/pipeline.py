@@ -13,8 +13,9 @@ copied from its neighbour, a tied head) is fetched again rather than cached, unl
 CPU backend: three threads (reader, compute = caller's thread, writer); file reads, writes, sha256
 and torch kernels all release the GIL, so I/O overlaps compute on 2 cores.
 
-CUDA backend (code path present, not testable on the CPU-only CI machine: no GPU here): sources are
-read straight into pinned host buffers (a pool of ``prefetch + 1``), copied host-to-device on a copy
+CUDA backend (not yet run on a GPU; on CPU its orchestration runs against a stand-in for streams,
+events and pinned memory that defers every copy until its event is waited on:
+tests/test_checkpoint_cuda_pipeline.py): sources are read straight into pinned host buffers (a pool of ``prefetch + 1``), copied host-to-device on a copy
 stream, executed on a compute stream, copied device-to-host on a third stream into pinned target
 buffers (a pool of ``max_live_targets``), and the writer thread waits for that copy's event before
 calling the sink. Read, H2D, kernel, D2H and write of different tensors overlap.
@@ -49,6 +50,46 @@ def resolve_device(device) -> torch.device:
         from .errors import CheckpointError
         raise CheckpointError(f"device '{device}' requested but CUDA is not available")
     return dev
+
+
+class _CudaCalls:
+    """Every CUDA call of ``_run_cuda``, in one place, so the orchestration can be checked without a
+    GPU: the tests swap in a stand-in whose copies run only when an event recorded after them is
+    waited on (a missing wait or a buffer reused too early then shows as wrong bytes)."""
+
+    @staticmethod
+    def new_stream(dev):
+        return torch.cuda.Stream(dev)
+
+    @staticmethod
+    def new_event():
+        return torch.cuda.Event()
+
+    @staticmethod
+    def use_stream(stream):
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def pinned(shape, dtype=torch.uint8) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    @staticmethod
+    def to_device(host: torch.Tensor, dev) -> torch.Tensor:
+        """Host -> device on the current stream (asynchronous from pinned memory)."""
+        return host.to(dev, non_blocking=True)
+
+    @staticmethod
+    def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Device -> pinned host on the current stream (asynchronous)."""
+        dst.copy_(src, non_blocking=True)
+
+    @staticmethod
+    def keep_until_done(t: torch.Tensor, stream) -> None:
+        """Tell the caching allocator ``t`` is in use on ``stream`` (allocated on another one)."""
+        t.record_stream(stream)
+
+
+_cuda_calls = _CudaCalls()
 
 
 def _execute(spec, src, *, seed, dtype, device, backend):
@@ -261,12 +302,13 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
 
 
 def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, max_live_targets,
-              copy_out, output_device, source_dtypes):  # pragma: no cover - needs a GPU
+              copy_out, output_device, source_dtypes):
     """CUDA pipeline: pinned staging + three CUDA streams + reader/writer threads (see module doc)."""
     import math
 
+    cu = _cuda_calls
     abort = threading.Event()
-    h2d, comp, d2h = (torch.cuda.Stream(dev) for _ in range(3))
+    h2d, comp, d2h = (cu.new_stream(dev) for _ in range(3))
     accepts_out = _fetch_accepts_out(fetch_source)
     n_src = max(1, prefetch) + 1
     src_bytes = max([0] + [_nbytes(s.source_shape, source_dtypes.get(s.source, torch.float32))
@@ -275,13 +317,13 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
     # the H2D copy reading it has completed (event).
     src_pool: queue.Queue = queue.Queue()
     for _ in range(n_src):
-        src_pool.put(torch.empty(max(src_bytes, 1), dtype=torch.uint8, pin_memory=True))
+        src_pool.put(cu.pinned(max(src_bytes, 1)))
     keep_on_device = output_device.type == "cuda"
     tgt_pool: queue.Queue = queue.Queue()
     if not keep_on_device and not copy_out:
         tgt_bytes = max([1] + [math.prod(s.target_shape) * 8 for s in specs])  # 8: widest dtype
         for _ in range(max(1, max_live_targets)):
-            tgt_pool.put(torch.empty(tgt_bytes, dtype=torch.uint8, pin_memory=True))
+            tgt_pool.put(cu.pinned(tgt_bytes))
     live = threading.Semaphore(max(1, max_live_targets))
     q_in: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     q_out: queue.Queue = queue.Queue()
@@ -296,14 +338,14 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
             if accepts_out and sdt is not None:
                 need = _nbytes(shape, sdt)
                 if buf.numel() < need:  # pool sized for fp32 when dtypes are unknown: grow once
-                    buf = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+                    buf = cu.pinned(need)
                 view = buf[:need].view(sdt).view(shape)
                 fetch_source(spec.source, out=view)
             else:
                 t = fetch_source(spec.source)
                 need = t.numel() * t.element_size()
                 if buf.numel() < need:
-                    buf = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+                    buf = cu.pinned(need)
                 view = buf[:need].view(t.dtype).view(t.shape)
                 view.copy_(t)
                 del t
@@ -337,16 +379,16 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
             item = None
             src_dev = None
             if host is not None:
-                with torch.cuda.stream(h2d):
-                    src_dev = host.to(dev, non_blocking=True)
-                    ev_h2d = torch.cuda.Event()
+                with cu.use_stream(h2d):
+                    src_dev = cu.to_device(host, dev)
+                    ev_h2d = cu.new_event()
                     ev_h2d.record(h2d)
                 comp.wait_event(ev_h2d)
-                src_dev.record_stream(comp)  # allocated on h2d, used on comp: keep it until comp is done
+                cu.keep_until_done(src_dev, comp)  # allocated on h2d, used on comp
             _acquire(live, abort)
-            with torch.cuda.stream(comp):
+            with cu.use_stream(comp):
                 out = _execute(spec, src_dev, seed=seed, dtype=dtype, device=dev, backend=backend)
-                ev_k = torch.cuda.Event()
+                ev_k = cu.new_event()
                 ev_k.record(comp)
             if buf is not None:
                 ev_h2d.synchronize()  # the pinned source buffer may be reused once H2D is done
@@ -356,16 +398,16 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
                 q_out.put((spec, out, ev_k, None))
                 continue
             d2h.wait_event(ev_k)
-            with torch.cuda.stream(d2h):
+            with cu.use_stream(d2h):
                 if copy_out:
-                    host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host_out = cu.pinned(out.shape, out.dtype)
                     tbuf = None
                 else:
                     tbuf = _get(tgt_pool, abort)
                     host_out = tbuf[: out.numel() * out.element_size()].view(out.dtype).view(out.shape)
-                host_out.copy_(out, non_blocking=True)
-                out.record_stream(d2h)
-                ev_out = torch.cuda.Event()
+                cu.copy_to_host(host_out, out)
+                cu.keep_until_done(out, d2h)
+                ev_out = cu.new_event()
                 ev_out.record(d2h)
             del out
             q_out.put((spec, host_out, ev_out, tbuf))

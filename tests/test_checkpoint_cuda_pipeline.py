@@ -1,0 +1,157 @@
+"""The CUDA pipeline's orchestration (pinned pools, three streams, events, reader/writer threads)
+run on CPU against a stand-in for its CUDA calls (``pipeline._CudaCalls``).
+
+The stand-in makes asynchrony visible: every host-to-device and device-to-host copy is queued on
+its stream and runs only when an event recorded after it is waited on (``Event.synchronize`` or
+``Stream.wait_event``), as a copy engine might; fresh "pinned" and "device" buffers are filled
+with 0xFF bytes (NaN in every float dtype). A missing wait, a copy outside any stream, or a
+buffer handed back or read before its copy ran gives wrong bytes or an error, so the bytes must
+equal ``expand_state_dict``'s. Kernels run eagerly on the host (so a stream waiting on an event
+runs that event's copies at once). Not covered: real device memory, the caching allocator and
+races between truly concurrent engines: those wait for a GPU (benchmarks/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from lemon_ext.checkpoint import expand_state_dict_pipelined, pipeline
+from lemon_ext.checkpoint import state_dict as state_dict_module
+from lemon_ext.checkpoint.testing import tiny_llama_config
+from lemon_ext.engine import expand_state_dict
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3)
+
+_LOCK = threading.RLock()  # the writer thread synchronizes while the main thread queues
+
+
+class FakeStream:
+    def __init__(self, calls: "FakeCudaCalls"):
+        self.calls, self.ops, self.done = calls, [], 0
+
+    def enqueue(self, fn) -> None:
+        with _LOCK:
+            self.ops.append(fn)
+
+    def run_until(self, pos: int) -> None:
+        with _LOCK:
+            if self.done < pos:
+                self.calls.deferred_runs += 1
+            while self.done < pos:
+                fn = self.ops[self.done]
+                self.done += 1
+                fn()
+
+    def wait_event(self, event: "FakeEvent") -> None:
+        event.synchronize()  # the next kernel runs eagerly on the host: its inputs must be there now
+
+
+class FakeEvent:
+    def __init__(self):
+        self.stream, self.pos = None, 0
+
+    def record(self, stream: FakeStream) -> None:
+        with _LOCK:
+            self.stream, self.pos = stream, len(stream.ops)
+
+    def synchronize(self) -> None:
+        assert self.stream is not None, "waiting on an event that was never recorded"
+        self.stream.run_until(self.pos)
+
+
+class FakeCudaCalls:
+    def __init__(self):
+        self.streams: list[FakeStream] = []
+        self.local = threading.local()
+        self.copies = {"h2d": 0, "d2h": 0}
+        self.deferred_runs = 0
+
+    def new_stream(self, dev):
+        self.streams.append(FakeStream(self))
+        return self.streams[-1]
+
+    def new_event(self):
+        return FakeEvent()
+
+    @contextlib.contextmanager
+    def use_stream(self, stream):
+        prev = getattr(self.local, "stream", None)
+        self.local.stream = stream
+        try:
+            yield
+        finally:
+            self.local.stream = prev
+
+    def _current(self) -> FakeStream:
+        stream = getattr(self.local, "stream", None)
+        assert stream is not None, "a copy outside any stream (it would run on the default stream)"
+        return stream
+
+    @staticmethod
+    def pinned(shape, dtype=torch.uint8) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        t.reshape(-1).view(torch.uint8).fill_(0xFF)
+        return t
+
+    def to_device(self, host, dev):
+        out = self.pinned(host.shape, host.dtype)
+        self._current().enqueue(lambda: out.copy_(host))  # reads the pinned buffer when it runs
+        self.copies["h2d"] += 1
+        return out
+
+    def copy_to_host(self, dst, src) -> None:
+        self._current().enqueue(lambda: dst.copy_(src))
+        self.copies["d2h"] += 1
+
+    def keep_until_done(self, t, stream) -> None:
+        pass
+
+    def pending(self) -> int:
+        return sum(len(s.ops) - s.done for s in self.streams)
+
+
+@pytest.fixture(scope="module")
+def model_sd():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tied=False)).to(torch.bfloat16)
+    return {k: v.detach() for k, v in model.state_dict().items()}, model.config.to_dict()
+
+
+@pytest.mark.parametrize("copy_out,output_device,fetch_kind", [
+    (True, "cpu", "plain"),    # expand_state_dict(..., device="cuda"): owned host tensors
+    (True, "cpu", "out"),      # sources read straight into pinned buffers (fetch accepts out=)
+    (False, "cpu", "out"),     # the checkpoint writer: views of reused pinned target buffers
+    (False, "cuda", "plain"),  # results kept on the device
+])
+def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, monkeypatch, copy_out, output_device,
+                                                                  fetch_kind):
+    sd, cfg = model_sd
+    fake = FakeCudaCalls()
+    monkeypatch.setattr(pipeline, "_cuda_calls", fake)
+
+    def run_specs_on_fake_cuda(specs, fetch, sink, **kw):
+        if fetch_kind == "out":
+            def fetch(name, out=None, _get=fetch):  # noqa: E306 - like SourceCheckpoint.get
+                t = _get(name)
+                return t.clone() if out is None else out.copy_(t)
+        # copy_out=False hands the sink views of reused buffers, valid only during the call
+        keep = sink if copy_out or output_device != "cpu" else (lambda spec, t: sink(spec, t.clone()))
+        return pipeline._run_cuda(list(specs), fetch, keep, torch.device("cpu"), seed=kw["seed"], dtype=kw["dtype"],
+                                  backend=kw["backend"], prefetch=1, max_live_targets=2, copy_out=copy_out,
+                                  output_device=torch.device(output_device), source_dtypes=kw["source_dtypes"])
+
+    monkeypatch.setattr(state_dict_module, "run_specs", run_specs_on_fake_cuda)
+    got, cfg_got = expand_state_dict_pipelined(sd, cfg, seed=3, device="cpu", **SIZES)
+    ref, cfg_ref = expand_state_dict(sd, cfg, seed=3, **SIZES)
+    assert list(got) == list(ref) and cfg_got == cfg_ref
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype and torch.equal(got[name], ref[name]), name
+    n_sources = sum(1 for name in ref if name)  # every target was computed and handed over once
+    assert fake.copies["d2h"] == (0 if output_device == "cuda" else n_sources)
+    assert fake.copies["h2d"] > 0 and fake.pending() == 0
+    assert fake.deferred_runs > 0  # copies did wait for their events
