@@ -3,8 +3,10 @@
 ``expand_state_dict_pipelined(sd, cfg, device="cuda", ...)`` gives the same tensors as
 ``lemon_ext.expand_state_dict`` (same seed, same dtype rule) but runs the specs through
 ``run_specs``: on CUDA, sources are staged through pinned buffers and read, host-to-device copy,
-kernel and device-to-host copy of different tensors overlap (code path untested here: no GPU on
-the CI machine). On CPU it is the plain loop with a reader and a writer thread.
+kernel and device-to-host copy of different tensors overlap (not yet run on a GPU; its
+orchestration is tested on CPU against a stand-in for the CUDA calls,
+tests/test_checkpoint_cuda_pipeline.py). On CPU it is the plain loop with a reader and a writer
+thread.
 """
 from __future__ import annotations
 
