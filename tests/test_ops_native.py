@@ -13,8 +13,9 @@
    (reads from global memory), and with a column count that takes the 16-byte stores.
 
 Each harness prints one FNV-1a hash of the output bytes per case (cases.h: 6 split modes x 3
-output dtypes x circular / random maps with ZERO / MEAN / FREE sentinels, factors, means, a row
-offset that wraps the Philox row counter); the reference computes the same cases here.
+output dtypes x circular / random maps with ZERO / MEAN / FREE sentinels; fp32, bf16 and fp16
+sources with padded rows; factors, means, a row offset that wraps the Philox row counter); the
+reference computes the same cases here.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ NATIVE = ROOT / "tests" / "native"
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the harnesses build with the flags of setup.py)")
 
-RS, CS, RT = 23, 150, 41
+RS, CS, RT, PAD = 23, 150, 41, 5
 SPLITS = [R.SPLIT_NONE, R.SPLIT_LEMON, R.SPLIT_EQUAL, R.SPLIT_PROJECTION, R.SPLIT_CANCEL, R.SPLIT_CANCEL_EQUAL]
 OUT = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -63,7 +64,12 @@ def fnv1a(data: bytes) -> int:
 def reference_hashes(ct: int) -> list[str]:
     """The lines for_each_case(ct, ...) prints, computed with the PyTorch reference."""
     g = Lcg(12345)
-    src = ((g.uniform(RS * CS) - 0.5) * 4.0).reshape(RS, CS)
+    values = ((g.uniform(RS * CS) - 0.5) * 4.0).reshape(RS, CS)
+    sources = []  # rows PAD longer than CS, the padding 1e30 (65504 in fp16), viewed as (RS, CS)
+    for dtype, pad in ((torch.float32, 1e30), (torch.bfloat16, 1e30), (torch.float16, 65504.0)):
+        full = torch.full((RS, CS + PAD), pad, dtype=dtype)
+        full[:, :CS] = values.to(dtype)
+        sources.append(full[:, :CS])
     rf, cf = 0.5 + g.uniform(RT), 0.5 + g.uniform(ct)
     rmean, cmean = g.uniform(CS) - 0.5, g.uniform(RS) - 0.5
     rm = torch.tensor([R.ZERO if i == 7 else R.MEAN if i == 11 else i % RS for i in range(RT)])
@@ -76,6 +82,7 @@ def reference_hashes(ct: int) -> list[str]:
         gs, gp = R.group_layout(cm)
         for split in SPLITS:
             for k, dtype in enumerate(OUT):
+                src = sources[(split + k) % 3]  # cases.h: source dtype (split + out) % 3
                 out = R.expand_reference(src, rm, cm, rf, cf, gs, gp, rmean, cmean, split, 0.02, 1234, 5678, dtype,
                                          row_offset=4294967280, col_offset=3)
                 lines.append(f"{kind} split={split} out={k} {fnv1a(out.contiguous().view(torch.uint8).numpy().tobytes()):016x}")

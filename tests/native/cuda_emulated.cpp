@@ -29,7 +29,7 @@ std::vector<char> run_case(const Case& c) {
               (m == lemon::kZero ? 1 << 17 : 0);
   }
   LemonExpandLaunch a{};
-  a.src = c.src->data(); a.src_kind = 0; a.rs = c.rs; a.cs = c.cs; a.s0 = c.cs; a.s1 = 1;
+  a.src = c.src; a.src_kind = c.src_kind; a.rs = c.rs; a.cs = c.cs; a.s0 = c.s0; a.s1 = 1;
   a.row_map = c.rm->data(); a.cidx = cidx.data(); a.meta = meta.data();
   a.row_factor = c.rf->data(); a.col_factor = c.cf->data(); a.row_mean = c.rmean->data();
   a.col_mean = c.cmean->data(); a.rt = c.rt; a.ct = c.ct; a.split = c.split; a.max_n = c.max_n;

@@ -26,7 +26,7 @@ void run_rows(int mode, const CpuArgs& a, const CpuPlan& p) {
 std::vector<char> run_case(const Case& c) {
   std::vector<char> buf(lemon_test::out_bytes(c));
   CpuArgs a{};
-  a.src = c.src->data(); a.src_kind = kSrcF32; a.rs = c.rs; a.cs = c.cs; a.s0 = c.cs; a.s1 = 1;
+  a.src = c.src; a.src_kind = c.src_kind; a.rs = c.rs; a.cs = c.cs; a.s0 = c.s0; a.s1 = 1;
   a.row_map = c.rm->data(); a.row_factor = c.rf->data(); a.row_mean = c.rmean->data();
   a.col_mean = c.cmean->data(); a.col_factor = c.cf->data(); a.rt = c.rt; a.ct = c.ct;
   a.split = c.split; a.noise_std = c.noise_std; a.key = philox_key(c.seed, c.key);
