@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU session (no network; torch 2.11+cu130, triton 3.6, nvcc): build the CUDA
-# kernels in place, run the op tests on the GPU, benchmark the three full shapes, print a short
-# table last. Budget: under 6 minutes. Logs and rows go to ${OUT:-/tmp}/lemon_gpu_check/.
+# kernels in place, run the op and GPU-pipeline tests, benchmark the three full shapes and the
+# pipeline, print a short table last. Budget: ~6 minutes; the step timeouts (build 200 s, tests
+# 150, op benchmark 130, pipeline benchmark 90) keep it under 10. Logs and rows go to
+# ${OUT:-/tmp}/lemon_gpu_check/.
 #   bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,17 +36,21 @@ python -c "from lemon_ext import ops; print(ops.backends())" | tee "$LOG/backend
 python -c "from lemon_ext import ops; import sys; b = ops.backends(); sys.exit(0 if b['cuda'] is None else 1)" \
   || { echo "CUDA backend missing after the build: see $LOG/build.log"; status=1; }
 
-step "GPU tests (tests/test_ops*.py)"
-if ! LEMON_OPS_TRITON_MATRIX=0 timeout 170 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_api.py \
-    tests/test_ops_triton.py -rs >"$LOG/tests.log" 2>&1; then
+step "GPU tests (op backends, the GPU checkpoint pipeline)"
+if ! LEMON_OPS_TRITON_MATRIX=0 timeout 150 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_ops_kernels.py tests/test_ops_api.py \
+    tests/test_ops_triton.py tests/test_checkpoint_cuda_pipeline.py -rs >"$LOG/tests.log" 2>&1; then
   status=1
 fi
 tail -15 "$LOG/tests.log"
 
 step "benchmark: 3 full shapes x bf16/fp32 x circular/random x lemon/off"
-timeout 150 python benchmarks/bench_expand.py --out "$LOG/bench_expand.json" >"$LOG/bench.log" 2>&1 || status=1
+timeout 130 python benchmarks/bench_expand.py --out "$LOG/bench_expand.json" >"$LOG/bench.log" 2>&1 || status=1
+
+step "benchmark: expand_state_dict through the GPU pipeline vs pinned H2D/D2H bandwidth"
+timeout 90 python benchmarks/bench_pipeline_gpu.py --json "$LOG/bench_pipeline.json" >"$LOG/bench_pipeline.log" 2>&1 || status=1
 
 step "done (status $status); logs in $LOG"
 grep -E "passed|failed|error" "$LOG/tests.log" | tail -1 || true
+tail -3 "$LOG/bench_pipeline.log"
 sed -n '/^| backend/,$p' "$LOG/bench.log"
 exit $status

@@ -155,3 +155,38 @@ def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, mon
     assert fake.copies["d2h"] == (0 if output_device == "cuda" else n_sources)
     assert fake.copies["h2d"] > 0 and fake.pending() == 0
     assert fake.deferred_runs > 0  # copies did wait for their events
+
+
+# ---- the same pipeline on a real GPU (benchmarks/gpu_check.sh runs these) ------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU stand-in above runs everywhere)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("output_device", ["cpu", "cuda"])
+def test_gpu_pipeline_equals_cpu_expand_state_dict(model_sd, output_device):
+    sd, cfg = model_sd
+    got, cfg_got = expand_state_dict_pipelined(sd, cfg, seed=3, device="cuda", output_device=output_device, **SIZES)
+    ref, cfg_ref = expand_state_dict(sd, cfg, seed=3, **SIZES)
+    assert list(got) == list(ref) and cfg_got == cfg_ref
+    for name in ref:
+        assert got[name].device.type == output_device and torch.equal(got[name].cpu(), ref[name]), name
+
+
+@needs_gpu
+def test_gpu_checkpoint_bytes_equal_cpu_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from lemon_ext.checkpoint import expand_checkpoint
+    from lemon_ext.checkpoint.testing import make_tiny_llama
+
+    src = str(tmp_path / "src")
+    make_tiny_llama(src, "sharded", tied=False, dtype=torch.bfloat16, seed=1)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        dst = str(tmp_path / f"out-{device}")
+        expand_checkpoint(src, dst, seed=5, device=device, max_shard_size="200KB", progress=False, **SIZES)
+        files = sorted(p.name for p in (tmp_path / f"out-{device}").glob("*.safetensors"))
+        outs[device] = {f: (tmp_path / f"out-{device}" / f).read_bytes() for f in files}
+        assert load_file(str(tmp_path / f"out-{device}" / files[0]))  # loads
+    assert outs["cpu"] == outs["cuda"]
