@@ -190,3 +190,19 @@ def test_gpu_checkpoint_bytes_equal_cpu_run(tmp_path):
         outs[device] = {f: (tmp_path / f"out-{device}" / f).read_bytes() for f in files}
         assert load_file(str(tmp_path / f"out-{device}" / files[0]))  # loads
     assert outs["cpu"] == outs["cuda"]
+
+
+def test_pipeline_benchmark_runs_and_checks_its_sample(tmp_path):
+    """benchmarks/bench_pipeline_gpu.py stays runnable where there is no GPU (--small --device cpu)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "row.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_pipeline_gpu.py"), "--small", "--device", "cpu",
+                          "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["sample_mismatched"] == [] and len(row["sample_checked"]) == 3 and row["target_gb"] > row["source_gb"]
