@@ -157,6 +157,33 @@ def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, mon
     assert fake.deferred_runs > 0  # copies did wait for their events
 
 
+def test_checkpoint_through_cuda_orchestration_gives_cpu_bytes(monkeypatch, tmp_path):
+    """expand_checkpoint's CUDA route: sources read straight into pinned buffers (SourceCheckpoint.get
+    with out=), results handed to the shard writer as views of reused pinned buffers."""
+    from lemon_ext.checkpoint import expand as expand_module
+    from lemon_ext.checkpoint import expand_checkpoint
+    from lemon_ext.checkpoint.testing import make_tiny_llama
+
+    src = str(tmp_path / "src")
+    make_tiny_llama(src, "sharded", tied=False, dtype=torch.bfloat16, seed=1)
+    expand_checkpoint(src, str(tmp_path / "cpu"), seed=5, device="cpu", max_shard_size="200KB", progress=False, **SIZES)
+    fake = FakeCudaCalls()
+    monkeypatch.setattr(pipeline, "_cuda_calls", fake)
+
+    def run_specs_on_fake_cuda(specs, fetch, sink, *, device, seed, dtype, backend, source_dtypes, copy_out):
+        return pipeline._run_cuda(list(specs), fetch, sink, torch.device("cpu"), seed=seed, dtype=dtype, backend=backend,
+                                  prefetch=1, max_live_targets=2, copy_out=copy_out, output_device=torch.device("cpu"),
+                                  source_dtypes=source_dtypes)
+
+    monkeypatch.setattr(expand_module, "run_specs", run_specs_on_fake_cuda)
+    expand_checkpoint(src, str(tmp_path / "fake"), seed=5, device="cpu", max_shard_size="200KB", progress=False, **SIZES)
+    files = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    assert len(files) > 1 and files == sorted(p.name for p in (tmp_path / "fake").glob("*.safetensors"))
+    for f in files:
+        assert (tmp_path / "cpu" / f).read_bytes() == (tmp_path / "fake" / f).read_bytes(), f
+    assert fake.copies["h2d"] > 0 and fake.copies["d2h"] > 0 and fake.pending() == 0 and fake.deferred_runs > 0
+
+
 # ---- the same pipeline on a real GPU (benchmarks/gpu_check.sh runs these) ------------------------
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU stand-in above runs everywhere)")
