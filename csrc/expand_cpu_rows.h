@@ -149,7 +149,7 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
   std::vector<int> s;
   for (int64_t j = 0; j < ct; ++j) {
     const int64_t c = col_map[j];
-    p.cidx[j] = int32_t(c >= 0 ? c : c == kMean ? cs + 1 : cs);
+    p.cidx[j] = staged_slot(c, cs);
     p.ucol[j] = int32_t(c >= 0 ? c : 0);
     if (c == kZero) p.zero_cols.push_back(j);
     if (c == kFree) p.free_cols.push_back(j);

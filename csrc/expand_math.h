@@ -25,6 +25,16 @@ constexpr int kMaxGroupSize = 32;
 constexpr float kSqrt3 = 0x1.bb67aep+0f;         // float32(sqrt(3)), reference.SQRT3
 constexpr float kUniformScale = 0x1.fffffep-32f;  // Triton's uint_to_uniform_float scale
 
+// Where column c's value sits in a staged source row: its source column, cs (the zero slot: ZERO
+// and FREE columns) or cs + 1 (the mean column). The CPU plan and the CUDA wrapper's column digest
+// (with torch ops on the device) both stage rows this way.
+LEMON_HD int32_t staged_slot(int64_t c, int64_t cs) { return int32_t(c >= 0 ? c : c == kMean ? cs + 1 : cs); }
+
+// The CUDA kernel's per-column word: group size n | rank m << 8 | FREE << 16 | ZERO << 17.
+LEMON_HD int32_t column_meta(int64_t c, int32_t n, int32_t m) {
+  return (n & 0xFF) | ((m & 0xFF) << 8) | (c == kFree ? 1 << 16 : 0) | (c == kZero ? 1 << 17 : 0);
+}
+
 // Output encodings: the kernels store raw bits and only need to know the rounding.
 enum OutKind : int { kOutF32 = 0, kOutBF16 = 1, kOutF16 = 2, kOutF64 = 3 };
 

@@ -37,7 +37,8 @@ at::Tensor expand_cuda(const at::Tensor& source, const at::Tensor& row_map, cons
               source.size(0), ") or ZERO (-1) / MEAN (-2); got range [", b[1], ", ", b[2], "]");
   TORCH_CHECK(b[3] >= kFree && b[4] < cs, "expand: col_map entries must be source columns in [0, ", cs,
               ") or ZERO (-1) / MEAN (-2) / FREE (-3); got range [", b[3], ", ", b[4], "]");
-  // Column digest: cidx = c, cs (ZERO/FREE) or cs + 1 (MEAN); meta = n | m << 8 | FREE << 16 | ZERO << 17.
+  // Column digest, on the device: cidx = staged_slot(c, cs), meta = column_meta(c, n, m)
+  // (expand_math.h: c, cs (ZERO/FREE) or cs + 1 (MEAN); n | m << 8 | FREE << 16 | ZERO << 17).
   const at::Tensor& c = in.col_map;
   const at::Tensor cidx = at::where(c >= 0, c, at::where(c == kMean, cs + 1, cs)).to(at::kInt).contiguous();
   const at::Tensor meta = (in.group_size.bitwise_and(0xFF) + in.group_pos.bitwise_and(0xFF) * 256 +

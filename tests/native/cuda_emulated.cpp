@@ -19,14 +19,11 @@ namespace {
 
 std::vector<char> run_case(const Case& c) {
   std::vector<char> buf(lemon_test::out_bytes(c));
-  // The wrapper's column digest (csrc/cuda/expand_cuda.cpp): cidx = c, cs (ZERO/FREE) or cs + 1
-  // (MEAN); meta = n | m << 8 | FREE << 16 | ZERO << 17.
+  // The wrapper's column digest (csrc/cuda/expand_cuda.cpp does it with torch ops on the device).
   std::vector<int32_t> cidx(c.ct), meta(c.ct);
   for (int64_t j = 0; j < c.ct; ++j) {
-    const int64_t m = (*c.cm)[j];
-    cidx[j] = int32_t(m >= 0 ? m : m == lemon::kMean ? c.cs + 1 : c.cs);
-    meta[j] = ((*c.gs)[j] & 0xFF) | (((*c.gp)[j] & 0xFF) << 8) | (m == lemon::kFree ? 1 << 16 : 0) |
-              (m == lemon::kZero ? 1 << 17 : 0);
+    cidx[j] = lemon::staged_slot((*c.cm)[j], c.cs);
+    meta[j] = lemon::column_meta((*c.cm)[j], (*c.gs)[j], (*c.gp)[j]);
   }
   LemonExpandLaunch a{};
   a.src = c.src; a.src_kind = c.src_kind; a.rs = c.rs; a.cs = c.cs; a.s0 = c.s0; a.s1 = 1;
