@@ -359,3 +359,24 @@ def test_big_bin_files_are_unmapped_after_each_read(tmp_path, monkeypatch):
             for k, v in a.items():
                 assert torch.equal(src.get(k), v)
                 assert not src._bins  # the mapping was dropped: its pages leave RSS
+
+
+def test_synthetic_checkpoint_is_the_same_in_every_process(tmp_path):
+    """make_synthetic_llama (the benchmarks' source) depends on its seed only, not on str hashing."""
+    import subprocess
+    import sys
+
+    script = ("import sys, hashlib, pathlib\n"
+              "from lemon_ext.checkpoint.testing import make_synthetic_llama, synthetic_llama_config\n"
+              "cfg = synthetic_llama_config(hidden=64, ffn=128, heads=4, kv_heads=2, layers=2, vocab=100)\n"
+              "make_synthetic_llama(sys.argv[1], cfg, max_shard_size='1MB')\n"
+              "h = hashlib.sha256()\n"
+              "for f in sorted(pathlib.Path(sys.argv[1]).glob('*.safetensors')): h.update(f.read_bytes())\n"
+              "print(h.hexdigest())\n")
+    digests = []
+    for k in (1, 2):
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"s{k}")], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PYTHONHASHSEED": str(k)})
+        assert res.returncode == 0, res.stderr[-2000:]
+        digests.append(res.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64

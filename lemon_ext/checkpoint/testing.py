@@ -114,6 +114,7 @@ def make_synthetic_llama(path: str, cfg: dict, *, dtype=torch.bfloat16, max_shar
     more than the expansion itself on 2 cores); norm gains are 1. Returns the bytes of tensors.
     """
     import math
+    import zlib
 
     from .outdir import write_json_atomic
     from .shards import build_index, plan_shards
@@ -133,7 +134,9 @@ def make_synthetic_llama(path: str, cfg: dict, *, dtype=torch.bfloat16, max_shar
             if name.endswith("norm.weight"):
                 t = torch.ones(shape, dtype=dtype)
             else:
-                start = (hash(name) & 0xFFFF) * 7 % max(1, block.numel() - n) if n < block.numel() else 0
+                # crc32, not hash(): str hashes change per process, and the same seed must give
+                # the same checkpoint in every process
+                start = (zlib.crc32(name.encode()) & 0xFFFF) * 7 % max(1, block.numel() - n) if n < block.numel() else 0
                 t = block[start:start + n] if n <= block.numel() else block.repeat(-(-n // block.numel()))[:n]
             w.write(name, t.reshape(shape))
         w.close()
