@@ -44,7 +44,12 @@ std::vector<char> run_case(const Case& c) {
 
 int main(int argc, char** argv) {
   // What the GCC ifunc resolver and the Philox dispatch see on this CPU (or under valgrind).
-  std::printf("isa avx512f=%d avx2=%d\n", int(__builtin_cpu_supports("avx512f")), int(__builtin_cpu_supports("avx2")));
+#if defined(__x86_64__)
+  std::printf("isa avx512f=%d avx2=%d\n", int(__builtin_cpu_supports("avx512f") != 0),
+              int(__builtin_cpu_supports("avx2") != 0));  // nonzero flags, not 1
+#else
+  std::printf("isa not-x86-64\n");
+#endif
   lemon_test::for_each_case(argc > 1 ? std::atoll(argv[1]) : 301, run_case);
   return 0;
 }
