@@ -9,7 +9,7 @@ D2H) (the two directions use separate copy engines, so they overlap). Prints sec
 (source up + target down), pipeline time / transfer bound, and checks a sample of the tensors
 against the CPU backend (the backends agree bit for bit).
 
-    python benchmarks/bench_pipeline_gpu.py                  # GPU: ~2.2 GB source -> ~9.5 GB target
+    python benchmarks/bench_pipeline_gpu.py                  # GPU: ~2.2 GB source -> ~12.4 GB target
     python benchmarks/bench_pipeline_gpu.py --small --device cpu   # smoke run without a GPU
 """
 from __future__ import annotations

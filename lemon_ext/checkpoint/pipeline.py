@@ -15,10 +15,11 @@ and torch kernels all release the GIL, so I/O overlaps compute on 2 cores.
 
 CUDA backend (not yet run on a GPU; on CPU its orchestration runs against a stand-in for streams,
 events and pinned memory that defers every copy until its event is waited on:
-tests/test_checkpoint_cuda_pipeline.py): sources are read straight into pinned host buffers (a pool of ``prefetch + 1``), copied host-to-device on a copy
-stream, executed on a compute stream, copied device-to-host on a third stream into pinned target
-buffers (a pool of ``max_live_targets``), and the writer thread waits for that copy's event before
-calling the sink. Read, H2D, kernel, D2H and write of different tensors overlap.
+tests/test_checkpoint_cuda_pipeline.py): sources are read straight into pinned host buffers (a pool
+of ``prefetch + 1``), copied host-to-device on a copy stream, executed on a compute stream, copied
+device-to-host on a third stream into pinned target buffers (a pool of ``max_live_targets``), and
+the writer thread waits for that copy's event before calling the sink. Read, H2D, kernel, D2H and
+write of different tensors overlap.
 
 Also the engine's large-state-dict path: ``run_specs(plan.specs, sd.__getitem__, lambda s, t:
 out.__setitem__(s.name, t), device="cuda")`` expands a host state dict of many GB through the GPU
