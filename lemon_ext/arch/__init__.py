@@ -1,10 +1,16 @@
-"""Architecture registry: model_type -> declarative tensor table."""
+"""Architecture registry: model_type -> declarative family table (all family knowledge lives here)."""
 from __future__ import annotations
 
 from ..errors import LemonError
-from .tables import ARCHITECTURES, Architecture
+from .roles import ROLES
+from .schema import Architecture, Layout, Role, condition_holds, evaluate
+from .spelling import SourceSpelling
+from .tables import ARCHITECTURES
 
 SUPPORTED_MODEL_TYPES = tuple(t for arch in ARCHITECTURES for t in arch.model_types)
+
+__all__ = ["ARCHITECTURES", "Architecture", "Layout", "ROLES", "Role", "SUPPORTED_MODEL_TYPES", "SourceSpelling",
+           "condition_holds", "evaluate", "find_architecture"]
 
 
 def find_architecture(cfg: dict) -> Architecture:

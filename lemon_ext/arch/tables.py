@@ -1,63 +1,19 @@
-"""Declarative architecture tables: tensor-name templates and the role of each tensor.
+"""The family tables: tensor-name templates, the role of each tensor, and the config semantics.
 
-Adding an architecture is adding a table. Tensors are mapped by role, never by shape (two roles can
-share a shape). ``{i}`` in a layer template is the layer index. A name ending in ``?`` is
-optional (present in some checkpoints, e.g. biases switched off by a config flag).
-
-Roles (rules in ../shared/LEMON_SPEC.md sections 2-6; axis rules in lemon_ext/engine/axes.py):
-    embed            (N, D)   rows kept, hidden columns take the stream type (V_avg / V_zero)
-    embed_conv       (D, ...) patch conv: out channels take the stream type
-    embed_bias       (D,)     stream type
-    norm_weight      (D,)     eta * V_circ(gamma)
-    norm_bias        (D,)     V_zero(beta)
-    q_weight/q_bias  rows replicate query heads, columns fan-in split of the stream
-    kv_weight/kv_bias rows replicate key/value heads
-    qkv_weight/qkv_bias  fused [q|k|v] rows, segment by segment (GPT-2 c_attn)
-    o_weight/o_bias  rows write the stream, columns split per replicated head (zero in new layers)
-    up_weight/up_bias rows replicate FFN neurons (gate and up), columns fan-in split
-    down_weight/down_bias rows write the stream, columns split per neuron group (zero in new layers)
-    head/head_bias   (N, D) untied LM head / classifier: columns fan-in split; bias kept
-    pooler_weight/pooler_bias rows replicate hidden units (pooler output is V_circ), columns split
-    writer_weight/writer_bias rows write a stream that feeds a LayerNorm (BERT MLM transform)
-    keep             copied unchanged
-Layer-norm positions for the Post-LN depth rule: ``ln_attn`` (after attention), ``ln_out``
-(block output) are the ``norm_*`` roles tagged in ``post_ln_positions``.
+Adding a family is adding a table here (and its tests); the vocabulary (roles, axis rules,
+conditions, derived buffers, renames) is in ``schema.py`` and ``roles.py``. Tensors are mapped by
+role, never by shape (two roles can share a shape). Post-LN depth: ``post_ln_positions`` tags the
+norms after attention (``ln_attn``) and at the block output (``ln_out``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .schema import Architecture, Layout
 
+#: Renames transformers applies to every checkpoint it loads (its "legacy" conversion mapping).
+LEGACY_RENAMES = ((r"LayerNorm\.gamma", "LayerNorm.weight"), (r"LayerNorm\.beta", "LayerNorm.bias"))
 
-@dataclass(frozen=True)
-class Layout:
-    """One model class's tensor naming: a prefix for the backbone plus head tensors."""
-
-    name: str  # e.g. "causal_lm"
-    prefix: str  # backbone prefix, e.g. "model."
-    head: tuple[tuple[str, str], ...] = ()  # (name, role) outside the backbone
-    tied: tuple[tuple[str, str], ...] = ()  # (tied name, name it copies) when tie flag is set
-    final_norm: tuple[str, ...] = ()  # norms feeding a tied head (scaled by 1/k)
-    architectures: tuple[str, ...] = ()  # config.architectures values that select this layout
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Tensor table and config field names of one model family."""
-
-    family: str
-    model_types: tuple[str, ...]
-    norm: str  # "layernorm" (stream V_avg) or "rmsnorm" (stream V_zero)
-    post_ln: bool  # Post-LN blocks (BERT): depth by the LayerNorm-chain rule
-    fields: dict[str, str]  # generic name -> config field
-    embeddings: tuple[tuple[str, str], ...]
-    layer: tuple[tuple[str, str], ...]
-    final: tuple[tuple[str, str], ...]
-    layouts: tuple[Layout, ...]
-    conv1d: bool = False  # weights stored (in, out) (GPT-2 Conv1D)
-    post_ln_positions: dict[str, str] = field(default_factory=dict)  # template -> ln_attn/ln_out
-    explicit_head_dim: bool = False  # config may fix head_dim independently of hidden_size
-    tie_field: str = "tie_word_embeddings"
-
+#: Qwen2 always has q/k/v biases; Llama and Mistral when attention_bias is set.
+_QKV_BIAS = "attention_bias|model_type=qwen2"
 
 LLAMA = Architecture(
     family="llama",
@@ -74,22 +30,31 @@ LLAMA = Architecture(
     layer=(
         ("layers.{i}.input_layernorm.weight", "norm_weight"),
         ("layers.{i}.self_attn.q_proj.weight", "q_weight"),
-        ("layers.{i}.self_attn.q_proj.bias?", "q_bias"),
+        ("layers.{i}.self_attn.q_proj.bias?", "q_bias", _QKV_BIAS),
         ("layers.{i}.self_attn.k_proj.weight", "kv_weight"),
-        ("layers.{i}.self_attn.k_proj.bias?", "kv_bias"),
+        ("layers.{i}.self_attn.k_proj.bias?", "kv_bias", _QKV_BIAS),
         ("layers.{i}.self_attn.v_proj.weight", "kv_weight"),
-        ("layers.{i}.self_attn.v_proj.bias?", "kv_bias"),
+        ("layers.{i}.self_attn.v_proj.bias?", "kv_bias", _QKV_BIAS),
         ("layers.{i}.self_attn.o_proj.weight", "o_weight"),
-        ("layers.{i}.self_attn.o_proj.bias?", "o_bias"),
+        ("layers.{i}.self_attn.o_proj.bias?", "o_bias", "attention_bias"),
         ("layers.{i}.post_attention_layernorm.weight", "norm_weight"),
         ("layers.{i}.mlp.gate_proj.weight", "up_weight"),
-        ("layers.{i}.mlp.gate_proj.bias?", "up_bias"),
+        ("layers.{i}.mlp.gate_proj.bias?", "up_bias", "mlp_bias"),
         ("layers.{i}.mlp.up_proj.weight", "up_weight"),
-        ("layers.{i}.mlp.up_proj.bias?", "up_bias"),
+        ("layers.{i}.mlp.up_proj.bias?", "up_bias", "mlp_bias"),
         ("layers.{i}.mlp.down_proj.weight", "down_weight"),
-        ("layers.{i}.mlp.down_proj.bias?", "down_bias"),
+        ("layers.{i}.mlp.down_proj.bias?", "down_bias", "mlp_bias"),
     ),
     final=(("norm.weight", "norm_weight"),),
+    shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")},
+    layer_thresholds=("max_window_layers",),  # Qwen2: layers >= max_window_layers use sliding windows
+    derived={
+        # RoPE frequencies: persistent buffers in transformers < 4.31 (Llama 2, Mistral 7B v0.1,
+        # TinyLlama uploads), one per layer, and a model-level one in some later saves.
+        "layers.{i}.self_attn.rotary_emb.inv_freq": "RoPE inverse frequencies (rebuilt from rope_theta)",
+        "rotary_emb.inv_freq": "RoPE inverse frequencies (rebuilt from rope_theta)",
+    },
+    renames=LEGACY_RENAMES,
     layouts=(
         Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
                tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
@@ -108,6 +73,19 @@ GPT2 = Architecture(
         hidden_size="n_embd", intermediate_size="n_inner", num_attention_heads="n_head",
         num_hidden_layers="n_layer", eps="layer_norm_epsilon",
     ),
+    defaults={"tie_word_embeddings": True, "n_inner": None},  # GPT2Config's defaults
+    ffn_default="4 * hidden",  # n_inner null: 4 * n_embd
+    shapes={"wte.weight": ("vocab_size", "hidden"), "wpe.weight": ("n_positions", "hidden"),
+            "lm_head.weight": ("vocab_size", "hidden")},
+    refusals={"scale_attn_by_inverse_layer_idx": (
+        "depth", "makes attention depend on the layer index: depth growth would change the function")},
+    derived={
+        # GPT2Attention's causal mask and masking constant: persistent buffers in the original
+        # openai-community/gpt2 files (transformers lists them in _keys_to_ignore_on_load_unexpected).
+        "h.{i}.attn.bias": "causal mask buffer (rebuilt from n_positions)",
+        "h.{i}.attn.masked_bias": "attention masking constant buffer",
+    },
+    renames=LEGACY_RENAMES,
     embeddings=(("wte.weight", "embed"), ("wpe.weight", "embed")),
     layer=(
         ("h.{i}.ln_1.weight", "norm_weight"),
@@ -132,6 +110,8 @@ GPT2 = Architecture(
         Layout("base", "", architectures=("GPT2Model",)),
     ),
 )
+
+_BERT_POOLER = "layout=base|layout=sequence_classification"  # the classes built with a pooler
 
 BERT = Architecture(
     family="bert",
@@ -168,7 +148,28 @@ BERT = Architecture(
         ("encoder.layer.{i}.output.LayerNorm.weight", "norm_weight"),
         ("encoder.layer.{i}.output.LayerNorm.bias", "norm_bias"),
     ),
-    final=(("pooler.dense.weight?", "pooler_weight"), ("pooler.dense.bias?", "pooler_bias")),
+    final=(("pooler.dense.weight?", "pooler_weight", _BERT_POOLER),
+           ("pooler.dense.bias?", "pooler_bias", _BERT_POOLER)),
+    defaults={"tie_word_embeddings": True, "type_vocab_size": 2},  # BertConfig's defaults
+    shapes={
+        "embeddings.word_embeddings.weight": ("vocab_size", "hidden"),
+        "embeddings.position_embeddings.weight": ("max_position_embeddings", "hidden"),
+        "embeddings.token_type_embeddings.weight": ("type_vocab_size", "hidden"),
+        "cls.predictions.decoder.weight": ("vocab_size", "hidden"),
+        "cls.predictions.decoder.bias": ("vocab_size",),
+        "cls.predictions.bias": ("vocab_size",),
+        "cls.seq_relationship.weight": (2, "hidden"),
+        "cls.seq_relationship.bias": (2,),
+        "classifier.weight": ("num_labels", "hidden"),
+        "classifier.bias": ("num_labels",),
+    },
+    derived={
+        # BertEmbeddings' arange / zeros buffers: persistent in transformers < 4.31 (every
+        # bert-base-* and sentence-transformers upload of that era has embeddings.position_ids).
+        "embeddings.position_ids": "position index buffer (an arange, rebuilt)",
+        "embeddings.token_type_ids": "token type buffer (zeros, rebuilt)",
+    },
+    renames=LEGACY_RENAMES,  # bert-base-uncased's pytorch_model.bin stores LayerNorm.gamma / .beta
     post_ln_positions={
         "encoder.layer.{i}.attention.output.LayerNorm.weight": "ln_attn",
         "encoder.layer.{i}.attention.output.LayerNorm.bias": "ln_attn",
@@ -184,9 +185,15 @@ BERT = Architecture(
             ("cls.predictions.decoder.weight", "head"),
             ("cls.predictions.decoder.bias?", "keep"),
             ("cls.predictions.bias", "keep"),
+            # BertForPreTraining's next-sentence head (bert-base-uncased stores it; transformers'
+            # BertForMaskedLM ignores it on load).
+            ("cls.seq_relationship.weight?", "pooled_head", "never"),
+            ("cls.seq_relationship.bias?", "keep", "never"),
         ), tied=(("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),),
             final_norm=("cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"),
-            architectures=("BertForMaskedLM",)),
+            architectures=("BertForMaskedLM", "BertForPreTraining")),
+        Layout("sequence_classification", "bert.", head=(("classifier.weight", "pooled_head"), ("classifier.bias", "keep")),
+               architectures=("BertForSequenceClassification",)),
         Layout("base", "", architectures=("BertModel",)),
     ),
 )
@@ -203,7 +210,7 @@ VIT = Architecture(
     ),
     embeddings=(
         ("embeddings.cls_token", "embed"),
-        ("embeddings.mask_token?", "embed"),
+        ("embeddings.mask_token?", "embed", "never"),
         ("embeddings.position_embeddings", "embed"),
         ("embeddings.patch_embeddings.projection.weight", "embed_conv"),
         ("embeddings.patch_embeddings.projection.bias", "embed_bias"),
@@ -212,11 +219,11 @@ VIT = Architecture(
         ("layers.{i}.layernorm_before.weight", "norm_weight"),
         ("layers.{i}.layernorm_before.bias", "norm_bias"),
         ("layers.{i}.attention.q_proj.weight", "q_weight"),
-        ("layers.{i}.attention.q_proj.bias?", "q_bias"),
+        ("layers.{i}.attention.q_proj.bias?", "q_bias", "qkv_bias"),
         ("layers.{i}.attention.k_proj.weight", "kv_weight"),
-        ("layers.{i}.attention.k_proj.bias?", "kv_bias"),
+        ("layers.{i}.attention.k_proj.bias?", "kv_bias", "qkv_bias"),
         ("layers.{i}.attention.v_proj.weight", "kv_weight"),
-        ("layers.{i}.attention.v_proj.bias?", "kv_bias"),
+        ("layers.{i}.attention.v_proj.bias?", "kv_bias", "qkv_bias"),
         ("layers.{i}.attention.o_proj.weight", "o_weight"),
         ("layers.{i}.attention.o_proj.bias", "o_bias"),
         ("layers.{i}.layernorm_after.weight", "norm_weight"),
@@ -229,9 +236,30 @@ VIT = Architecture(
     final=(
         ("layernorm.weight", "norm_weight"),
         ("layernorm.bias", "norm_bias"),
-        ("pooler.dense.weight?", "pooler_weight"),
-        ("pooler.dense.bias?", "pooler_bias"),
+        ("pooler.dense.weight?", "pooler_weight", "layout=base"),
+        ("pooler.dense.bias?", "pooler_bias", "layout=base"),
     ),
+    defaults={"qkv_bias": True, "num_channels": 3},  # ViTConfig's defaults
+    shapes={
+        "embeddings.cls_token": (1, 1, "hidden"),
+        "embeddings.mask_token": (1, 1, "hidden"),
+        "embeddings.position_embeddings": (1, "(image_size // patch_size) ** 2 + 1", "hidden"),
+        "embeddings.patch_embeddings.projection.weight": ("hidden", "num_channels", "patch_size", "patch_size"),
+        "classifier.weight": ("num_labels", "hidden"),
+        "classifier.bias": ("num_labels",),
+    },
+    hidden_followers=("pooler_output_size",),
+    # The pre-v5 names every ViT checkpoint on the Hub has (and transformers 5's save_pretrained
+    # still writes): transformers' conversion mapping for ViT, applied in this order.
+    renames=(
+        (r"encoder\.layer\.", "layers."),
+        (r"attention\.query", "q_proj"),
+        (r"attention\.key", "k_proj"),
+        (r"attention\.value", "v_proj"),
+        (r"attention\.output\.dense", "attention.o_proj"),
+        (r"intermediate\.dense", "mlp.fc1"),
+        (r"output\.dense", "mlp.fc2"),
+    ) + LEGACY_RENAMES,
     layouts=(
         Layout("image_classification", "vit.", head=(("classifier.weight", "head"), ("classifier.bias", "keep")),
                architectures=("ViTForImageClassification",)),

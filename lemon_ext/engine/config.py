@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-from ..arch.tables import Architecture
+from ..arch import Architecture, evaluate
 from ..errors import LemonError
 from . import axes
 from .sizes import Sizes
@@ -42,20 +42,25 @@ def rewrite_config(cfg_s, cfg: dict, arch: Architecture, src: Sizes, tgt: Sizes,
         out[f["num_key_value_heads"]] = tgt.kv_heads
     if arch.explicit_head_dim:
         out[f["head_dim"]] = tgt.head_dim
-    if arch.family == "gpt2" and cfg.get("n_inner") is None and tgt.ffn == 4 * tgt.hidden:
-        out["n_inner"] = None
-    else:
-        out[f["intermediate_size"]] = tgt.ffn
+    ffn_field = f["intermediate_size"]
+    keeps_default = (arch.ffn_default is not None and cfg.get(ffn_field) is None
+                     and tgt.ffn == evaluate(arch.ffn_default, {**cfg, "hidden": tgt.hidden}))
+    if not keeps_default:  # GPT-2's n_inner stays null when 4 * n_embd still holds
+        out[ffn_field] = tgt.ffn
     eps_field = f["eps"]
     if eps_field in out and eta != 1.0:
         out[eps_field] = float(cfg[eps_field]) * eta * eta
-    if out.get("layer_types") is not None:
-        out["layer_types"] = _remap_layer_list(cfg["layer_types"], order, "layer_types")
-    if cfg.get("max_window_layers") is not None:
-        # Qwen2: layers >= max_window_layers use sliding windows; keep each layer's own kind.
-        out["max_window_layers"] = sum(1 for s in order if s < cfg["max_window_layers"])
-    if arch.family == "vit" and cfg.get("pooler_output_size") == src.hidden:
-        out["pooler_output_size"] = tgt.hidden
+    for list_field in arch.layer_lists:
+        if out.get(list_field) is not None:
+            out[list_field] = _remap_layer_list(cfg[list_field], order, list_field)
+    for count_field in arch.layer_thresholds:
+        if cfg.get(count_field) is not None:
+            # Qwen2's max_window_layers: layers below it differ from those above; keep each
+            # layer's own kind by counting the target layers whose source is below it.
+            out[count_field] = sum(1 for s in order if s < cfg[count_field])
+    for follower in arch.hidden_followers:
+        if cfg.get(follower) == src.hidden:
+            out[follower] = tgt.hidden
     if isinstance(cfg_s, dict):
         return out
     out.pop("transformers_version", None)

@@ -5,20 +5,16 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
-
-from ..arch import find_architecture
-from ..arch.tables import Architecture, Layout
+from ..arch import ROLES, Architecture, Layout, SourceSpelling, condition_holds, evaluate, find_architecture
 from ..errors import LemonError
-from ..ops import ZERO
 from . import axes
+from .builder import SpecBuilder
 from .config import config_to_dict, rewrite_config
 from .depth import TargetLayer, layer_sources, target_layers
 from .sizes import Sizes, source_sizes, target_sizes
 from .spec import TensorSpec
 
 SYMMETRY_BREAKING = ("lemon", "projection", "equal")
-OUTPUT_ROLES = ("o_weight", "o_bias", "down_weight", "down_bias")
 
 
 @dataclass
@@ -35,6 +31,12 @@ class ExpansionPlan:
     target_config: object
     symmetry_breaking: str
     notes: list[str] = field(default_factory=list)
+    spelling: SourceSpelling | None = None  # the checkpoint's names (None: planned from the config)
+
+    @property
+    def dropped(self) -> list[tuple[str, str]]:
+        """[(source name, reason)]: derived buffers of the source left out of the target."""
+        return list(self.spelling.derived) if self.spelling is not None else []
 
     @property
     def source_names(self) -> set[str]:
@@ -55,9 +57,11 @@ class ExpansionPlan:
     def check_source(self, shapes: dict[str, Sequence[int]]) -> None:
         """Raise LemonError naming the first missing or unexpected tensor or wrong shape."""
         expected = self.expected_source_shapes()
-        tied = {name for name, _ in self.layout.tied}
+        spelling = self.spelling or SourceSpelling(self.architecture, shapes)
+        tied = {spelling.source_name(name) for name, _ in self.layout.tied}
+        derived = {name for name, _ in SourceSpelling(self.architecture, shapes).derived}
         for name in shapes:
-            if name not in expected and name not in tied:
+            if name not in expected and name not in tied and name not in derived:
                 raise LemonError(
                     f"unexpected tensor {name!r} in the source: not part of a "
                     f"{self.architecture.family} {self.layout.name} model with this config"
@@ -95,6 +99,11 @@ class ExpansionPlan:
             count = f" (x{seen[key]})" if seen[key] > 1 else ""
             shapes = f"{list(src_shape)} -> {list(tgt_shape)}"
             lines.append(f"  {name.ljust(width)}  {role:<12}  {shapes:<30}  {rule}{count}")
+        dropped: dict[tuple[str, str], int] = {}
+        for name, reason in self.dropped:
+            dropped[(_template(name), reason)] = dropped.get((_template(name), reason), 0) + 1
+        lines += [f"  dropped: {name}{f' (x{n})' if n > 1 else ''}: {reason} (derived buffer, not written)"
+                  for (name, reason), n in dropped.items()]
         return "\n".join(head + lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -107,187 +116,74 @@ def _choose_layout(arch: Architecture, cfg: dict, names: set[str] | None) -> Lay
     """The model class layout: by the checkpoint's tensor names, else by config.architectures.
 
     Layouts differ by backbone prefix ("model.", "transformer.", "bert.", "vit." or none), so the
-    first embedding's name decides. A tied head may be absent (save_pretrained drops it).
+    first embedding's name narrows them down; among layouts with the same prefix, the one whose
+    head tensors the checkpoint has (a tied head may be absent: save_pretrained drops it), the
+    config's class first. Names are the table's (after renames).
     """
-    if names is not None:
-        tie = bool(cfg.get(arch.tie_field, False))
-        for layout in arch.layouts:
-            if layout.prefix + arch.embeddings[0][0].rstrip("?") not in names:
-                continue
-            tied = dict(layout.tied) if tie else {}
-            missing = [n for n, _ in layout.head if not n.endswith("?") and n not in names and n not in tied]
-            if missing:
-                raise LemonError(f"tensor {missing[0]!r} is missing from the source ({arch.family} {layout.name})")
-            return layout
+    wanted = (cfg.get("architectures") or [None])[0]
+    if names is None:
+        return next((layout for layout in arch.layouts if wanted in layout.architectures), arch.layouts[0])
+    tie = bool(cfg.get(arch.tie_field, False))
+    candidates = [layout for layout in arch.layouts if layout.prefix + _bare(arch.embeddings[0][0]) in names]
+    if not candidates:
         raise LemonError(
             f"the source tensors do not match any {arch.family} layout (expected one of "
-            f"{[layout.prefix + arch.embeddings[0][0] for layout in arch.layouts]})"
+            f"{[layout.prefix + _bare(arch.embeddings[0][0]) for layout in arch.layouts]})"
         )
-    wanted = (cfg.get("architectures") or [None])[0]
-    for layout in arch.layouts:
-        if wanted in layout.architectures:
+    candidates.sort(key=lambda layout: wanted not in layout.architectures)
+    first_missing = None
+    for layout in candidates:
+        tied = dict(layout.tied) if tie else {}
+        missing = [entry[0] for entry in layout.head
+                   if not entry[0].endswith("?") and entry[0] not in names and entry[0] not in tied]
+        if not missing:
             return layout
-    return arch.layouts[0]
+        first_missing = first_missing or (missing[0], layout)
+    name, layout = first_missing
+    raise LemonError(f"tensor {name!r} is missing from the source ({arch.family} {layout.name})")
 
 
-def _optional_default(arch: Architecture, layout: Layout, cfg: dict, template: str) -> bool:
-    """Whether an optional tensor exists when only the config is known."""
-    if arch.family == "llama":
-        if "mlp." in template:
-            return bool(cfg.get("mlp_bias"))
-        if "o_proj" in template:
-            return bool(cfg.get("attention_bias"))
-        return bool(cfg.get("attention_bias")) or cfg.get("model_type") == "qwen2"
-    if "pooler" in template:
-        return layout.name == "base"
-    if "mask_token" in template:
-        return False
-    if arch.family == "vit" and "_proj.bias" in template:
-        return bool(cfg.get("qkv_bias", True))
-    return True
+def _bare(template: str) -> str:
+    return template.rstrip("?")
 
 
-class _SpecBuilder:
-    """Builds the TensorSpec of each role for one plan."""
-
-    def __init__(self, arch, src: Sizes, tgt: Sizes, mode: str, noise_std: float, tied_factor: float):
-        self.arch, self.src, self.tgt = arch, src, tgt
-        self.mode, self.noise_std = mode, noise_std
-        self.tied_factor = tied_factor
-        self.eta = axes.eta(src.hidden, tgt.hidden)
-        self.k = tgt.hidden // src.hidden
-
-    def _split(self, new_output: bool) -> str:
-        if new_output:
-            return "cancel_equal" if self.mode == "equal" else "cancel"
-        return self.mode
-
-    def build(self, name, source, role, source_shape, *, new_output=False, final_norm=False,
-              key_name="", fill=None) -> TensorSpec:
-        s, t, norm = self.src, self.tgt, self.arch.norm
-        transpose = self.arch.conv1d and role in ("qkv_weight", "o_weight", "up_weight", "down_weight")
-        stream_in = axes.stream_input(s.hidden, t.hidden)
-        split_name = self._split(new_output)
-        k_desc = f"k={self.k}" + (f", r={t.hidden % s.hidden}" if t.hidden % s.hidden else "")
-        view, row_factor, col_factor, split = "rows", None, None, "none"
-        extra = self.tied_factor if final_norm else 1.0
-
-        def qkv_map() -> torch.Tensor:
-            q = axes.heads(s.heads, t.heads, s.head_dim)
-            return torch.cat([q, s.attn + q, 2 * s.attn + q])
-
-        if role == "embed":
-            view = "cols"
-            rows = axes.keep(math.prod(source_shape[:-1]))
-            cols = axes.stream(s.hidden, t.hidden, norm)
-            rule = f"hidden axis -> {'V_avg' if norm == 'layernorm' else 'V_zero'} ({k_desc})"
-        elif role in ("embed_conv",):
-            rows = axes.stream(s.hidden, t.hidden, norm)
-            cols = axes.keep(math.prod(source_shape[1:]))
-            rule = f"out channels -> stream type ({k_desc})"
-        elif role in ("embed_bias", "o_bias", "down_bias", "writer_bias"):
-            view, rows = "vector", axes.keep(1)
-            cols = axes.stream(s.hidden, t.hidden, norm)
-            rule = f"writes the stream ({k_desc})"
-            if new_output:
-                cols = torch.full((t.hidden,), ZERO, dtype=torch.int64)
-                rule = "zero (new layer output bias)"
-        elif role == "norm_weight":
-            view, rows = "vector", axes.keep(1)
-            cols = axes.circular(s.hidden, t.hidden)
-            factor = self.eta * extra
-            col_factor = torch.full((t.hidden,), factor, dtype=torch.float64) if factor != 1.0 else None
-            rule = f"eta*V_circ(gamma), eta={self.eta:.6g}" + (f", x1/{self.k} (tied head)" if extra != 1.0 else "")
-        elif role == "norm_bias":
-            view, rows = "vector", axes.keep(1)
-            cols = axes.zero_tail(s.hidden, t.hidden)
-            col_factor = torch.full((t.hidden,), extra, dtype=torch.float64) if extra != 1.0 else None
-            rule = "V_zero(beta)" + (f", x1/{self.k} (tied head)" if extra != 1.0 else "")
-        elif role in ("q_weight", "kv_weight", "qkv_weight", "up_weight", "pooler_weight", "writer_weight", "head"):
-            if role == "q_weight":
-                rows, what = axes.heads(s.heads, t.heads, s.head_dim), f"query heads {s.heads}->{t.heads}"
-            elif role == "kv_weight":
-                rows, what = axes.heads(s.kv_heads, t.kv_heads, s.head_dim), f"kv heads {s.kv_heads}->{t.kv_heads}"
-            elif role == "qkv_weight":
-                rows, what = qkv_map(), f"[q|k|v] heads {s.heads}->{t.heads} per segment"
-            elif role == "up_weight":
-                rows, what = axes.circular(s.ffn, t.ffn), f"neurons {s.ffn}->{t.ffn} circular"
-            elif role == "pooler_weight":
-                rows, what = axes.circular(s.hidden, t.hidden), "pooler units V_circ"
-            elif role == "writer_weight":
-                rows, what = axes.stream(s.hidden, t.hidden, norm), "writes a stream into a LayerNorm"
-            else:
-                rows, what = axes.keep(source_shape[0] if not transpose else source_shape[1]), "rows kept"
-            cols, split = stream_in, split_name
-            tail = ", tail random" if t.hidden % s.hidden else ""
-            rule = f"rows: {what}; cols: fan-in split of the stream ({k_desc}{tail}), {split}"
-        elif role in ("q_bias", "kv_bias", "qkv_bias", "up_bias", "pooler_bias"):
-            view, rows = "vector", axes.keep(1)
-            cols = {
-                "q_bias": lambda: axes.heads(s.heads, t.heads, s.head_dim),
-                "kv_bias": lambda: axes.heads(s.kv_heads, t.kv_heads, s.head_dim),
-                "qkv_bias": qkv_map,
-                "up_bias": lambda: axes.circular(s.ffn, t.ffn),
-                "pooler_bias": lambda: axes.circular(s.hidden, t.hidden),
-            }[role]()
-            rule = "V_circ (replicated units)"
-        elif role == "o_weight":
-            rows = axes.stream(s.hidden, t.hidden, norm)
-            cols, split = axes.heads(s.heads, t.heads, s.head_dim), split_name
-            rule = f"rows write the stream ({k_desc}); cols: split per replicated head, {split}"
-        elif role == "down_weight":
-            rows = axes.stream(s.hidden, t.hidden, norm)
-            cols, split = axes.circular(s.ffn, t.ffn), split_name
-            rule = f"rows write the stream ({k_desc}); cols: split per neuron group, {split}"
-        elif role == "keep":
-            view = "vector" if len(source_shape) == 1 else "rows"
-            rows = axes.keep(1 if view == "vector" else source_shape[0])
-            cols = axes.keep(source_shape[0] if view == "vector" else math.prod(source_shape[1:]))
-            rule = "copied"
-        else:
-            raise LemonError(f"internal: unknown role {role!r} for tensor {name!r}")
-
-        target_shape = self._target_shape(source_shape, view, transpose, rows.numel(), cols.numel())
-        noise = self.noise_std if split != "none" or bool((cols == -3).any()) else 0.0
-        return TensorSpec(
-            name=name, source=source, source_shape=tuple(source_shape), target_shape=target_shape,
-            role=role, rule=rule, row_map=rows, col_map=cols, view=view, transpose=transpose,
-            row_factor=row_factor, col_factor=col_factor, split=split, noise_std=noise,
-            key_name=key_name or name, fill=fill,
-        )
-
-    @staticmethod
-    def _target_shape(source_shape, view, transpose, num_rows, num_cols) -> tuple[int, ...]:
-        if view == "vector":
-            return (num_cols,)
-        if view == "cols":
-            return tuple(source_shape[:-1]) + (num_cols,)
-        if transpose:
-            return (num_cols, num_rows)
-        rest = tuple(source_shape[1:])
-        if len(rest) > 1:
-            if math.prod(rest) != num_cols:
-                raise LemonError(f"internal: cannot reshape {num_cols} columns to {rest}")
-            return (num_rows,) + rest
-        return (num_rows, num_cols)
+def _entries(entries):
+    """Table entries as (template without '?', role, optional, when)."""
+    for entry in entries:
+        template, role = entry[0], entry[1]
+        yield _bare(template), role, template.endswith("?"), entry[2] if len(entry) > 2 else None
 
 
-def _source_shape(arch: Architecture, src: Sizes, cfg: dict, template: str, role: str) -> tuple[int, ...] | None:
-    """Shape a source tensor must have, from the config (None where only the checkpoint knows)."""
-    d, f = src.hidden, src.ffn
-    shapes = {
-        "norm_weight": (d,), "norm_bias": (d,), "embed_bias": (d,), "o_bias": (d,), "down_bias": (d,),
-        "writer_bias": (d,), "writer_weight": (d, d), "pooler_bias": (d,), "pooler_weight": (d, d),
-        "q_weight": (src.attn, d), "q_bias": (src.attn,), "kv_weight": (src.kv_attn, d), "kv_bias": (src.kv_attn,),
-        "qkv_weight": (3 * src.attn, d), "qkv_bias": (3 * src.attn,), "o_weight": (d, src.attn),
-        "up_weight": (f, d), "up_bias": (f,), "down_weight": (d, f),
-    }
-    shape = shapes.get(role)
-    if shape is not None and arch.conv1d and len(shape) == 2:
-        shape = (shape[1], shape[0])
-    if role == "embed" and arch.family == "llama":
-        return (int(cfg["vocab_size"]), d)
-    return shape
+def _names(arch: Architecture, cfg: dict, src: Sizes) -> dict:
+    """Symbols for table expressions: config fields (with the table's defaults) and sizes."""
+    labels = cfg.get("id2label")
+    return {**cfg, "num_labels": len(labels) if labels else cfg.get("num_labels", 2),
+            "hidden": src.hidden, "ffn": src.ffn, "heads": src.heads, "kv_heads": src.kv_heads,
+            "head_dim": src.head_dim, "layers": src.layers, "attn": src.attn, "kv_attn": src.kv_attn}
+
+
+def _source_shape(arch: Architecture, builder: SpecBuilder, names: dict, template: str, role: str,
+                  given: tuple | None, name: str) -> tuple[int, ...]:
+    """The shape a source tensor must have: from its role's sizes, else from the table's shapes
+    (vocabulary, positions, image geometry), else the checkpoint's own (whose hidden axis must
+    still agree with the config)."""
+    role_shape = ROLES[role].shape
+    if role_shape is not None:
+        shape = tuple(evaluate(d, names) for d in role_shape)
+        if builder.transposed(role):
+            shape = shape[::-1]
+    elif template in arch.shapes:
+        shape = tuple(evaluate(d, names) for d in arch.shapes[template])
+    elif given is not None:
+        shape = given
+        hidden_axis = 0 if role == "embed_conv" else -1
+        if role != "keep" and shape[hidden_axis] != names["hidden"]:
+            raise LemonError(f"tensor {name!r} has shape {tuple(shape)}, but the config's hidden size is {names['hidden']}")
+    else:
+        raise LemonError(f"cannot infer the shape of {name!r} from the config; pass source_shapes")
+    if given is not None and given != tuple(shape):
+        raise LemonError(f"tensor {name!r} has shape {given}, the config implies {tuple(shape)}")
+    return tuple(shape)
 
 
 def plan_expansion(
@@ -324,12 +220,15 @@ def plan_expansion(
             raise LemonError(f"unknown argument {key!r}")
     if symmetry_breaking not in SYMMETRY_BREAKING:
         raise LemonError(f"symmetry_breaking={symmetry_breaking!r}: choose one of {SYMMETRY_BREAKING}")
-    cfg = config_to_dict(cfg_s)
-    arch = find_architecture(cfg)
+    cfg_given = config_to_dict(cfg_s)
+    arch = find_architecture(cfg_given)
+    cfg = {**arch.defaults, **cfg_given}  # what transformers fills in for fields config.json omits
     src = source_sizes(arch, cfg)
     if source_shapes is not None:
         source_names = list(source_shapes)
-    names = set(source_names) if source_names is not None else None
+    spelling = SourceSpelling(arch, source_names) if source_names is not None else None
+    names = set(spelling.canonical.values()) if spelling is not None else None
+    shapes = spelling.table_shapes(dict(source_shapes)) if source_shapes is not None else {}
     layout = _choose_layout(arch, cfg, names)
 
     if isinstance(depth_placement, str):
@@ -345,7 +244,7 @@ def plan_expansion(
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         num_hidden_layers=len(order),
     )
-    notes = _check_family_rules(arch, cfg, src, tgt, allow_lossy)
+    notes = _check_rules(arch, cfg, src, tgt, allow_lossy)
     tied = bool(cfg.get(arch.tie_field, False)) and bool(layout.tied)
     k = tgt.hidden // src.hidden
     tied_factor = 1.0 / k if tied else 1.0
@@ -354,54 +253,40 @@ def plan_expansion(
     if tgt.hidden % src.hidden:
         notes.append(f"indivisible width: norm gains scaled by eta={axes.eta(src.hidden, tgt.hidden):.6g} (one rounding in low precision)")
     noise_std = float(cfg.get("initializer_range", 0.02)) if symmetry_breaking != "equal" else 0.0
-    builder = _SpecBuilder(arch, src, tgt, symmetry_breaking, noise_std, tied_factor)
+    builder = SpecBuilder(arch, src, tgt, symmetry_breaking, noise_std, tied_factor)
+    symbols = _names(arch, cfg, src)
     layers = target_layers(order, arch.post_ln)
 
-    def present(full_name: str, optional: bool, template: str) -> bool:
+    def present(full_name: str, optional: bool, when: str | None) -> bool:
         if not optional:
             return True
         if names is not None:
             return full_name in names
-        return _optional_default(arch, layout, cfg, template)
+        return condition_holds(when, cfg, layout)
+
+    def shape_of(name: str, template: str, role: str) -> tuple[int, ...]:
+        given = tuple(shapes[name]) if name in shapes else None
+        return _source_shape(arch, builder, symbols, template, role, given, name)
 
     specs: list[TensorSpec] = []
     prefix = layout.prefix
     final_norms = set(layout.final_norm) if tied else set()
 
-    def add_static(entries, pfx):
-        for template, role in entries:
-            optional = template.endswith("?")
-            template = template.rstrip("?")
-            name = pfx + template
-            if not present(name, optional, template):
-                continue
-            shape = _shape_of(name, template, role)
-            specs.append(builder.build(name, name, role, shape, final_norm=name in final_norms))
+    def add_static(entries):
+        for template, role, optional, when in _entries(entries):
+            name = prefix + template
+            if present(name, optional, when):
+                specs.append(builder.build(name, name, role, shape_of(name, template, role),
+                                           final_norm=name in final_norms))
 
-    def _shape_of(name, template, role):
-        shape = _source_shape(arch, src, cfg, template, role)
-        given = tuple(source_shapes[name]) if source_shapes is not None and name in source_shapes else None
-        if shape is None:
-            # Embeddings and heads: the checkpoint is the authority on vocabulary/positions, but the
-            # hidden axis must still agree with the config.
-            shape = given or _config_shape(arch, cfg, src, template)
-            hidden_axis = 0 if role == "embed_conv" else -1
-            if role != "keep" and shape[hidden_axis] != src.hidden:
-                raise LemonError(f"tensor {name!r} has shape {tuple(shape)}, but the config's hidden size is {src.hidden}")
-        elif given is not None and given != tuple(shape):
-            raise LemonError(f"tensor {name!r} has shape {given}, the config implies {tuple(shape)}")
-        return tuple(shape)
-
-    add_static(arch.embeddings, prefix)
+    add_static(arch.embeddings)
     for layer in layers:
-        for template, role in arch.layer:
-            optional = template.endswith("?")
-            template = template.rstrip("?")
+        for template, role, optional, when in _entries(arch.layer):
             src_name = prefix + template.format(i=layer.source)
             tgt_name = prefix + template.format(i=layer.index)
-            if not present(src_name, optional, template):
+            if not present(src_name, optional, when):
                 continue
-            shape = _shape_of(src_name, template, role)
+            shape = shape_of(src_name, template, role)
             position = arch.post_ln_positions.get(template)
             source, fill = src_name, None
             if position is not None:
@@ -410,34 +295,39 @@ def plan_expansion(
                     source, fill = None, (1.0 if role == "norm_weight" else 0.0)
                 elif isinstance(choice, int):
                     source = prefix + template.format(i=choice)
-            spec = builder.build(
-                tgt_name, source, role, shape, new_output=layer.new and role in OUTPUT_ROLES, fill=fill,
-            )
+            spec = builder.build(tgt_name, source, role, shape, new_output=layer.new, fill=fill)
             if fill is not None:
                 spec = _with_rule(spec, f"identity affine (Post-LN depth chain); {spec.rule}")
             elif source != src_name:
                 spec = _with_rule(spec, f"carries {source} (Post-LN depth chain); {spec.rule}")
             specs.append(spec)
-    add_static(arch.final, prefix)
+    add_static(arch.final)
     tied_names = dict(layout.tied) if tied else {}
-    for template, role in layout.head:
-        optional = template.endswith("?")
-        name = template.rstrip("?")
+    for name, role, optional, when in _entries(layout.head):
         if name in tied_names:
             if names is not None and name not in names:
                 continue  # tied head not stored (safetensors deduplicates it): keep it that way
             partner = next(s for s in specs if s.name == tied_names[name])
             specs.append(_tied_copy(partner, name))
             continue
-        if not present(name, optional, name):
-            continue
-        shape = _shape_of(name, name, role)
-        if shape is None:
-            raise LemonError(f"cannot infer the shape of {name!r} from the config; pass source_shapes")
-        specs.append(builder.build(name, name, role, shape, final_norm=name in final_norms))
+        if present(name, optional, when):
+            specs.append(builder.build(name, name, role, shape_of(name, name, role), final_norm=name in final_norms))
 
-    cfg_t = rewrite_config(cfg_s, cfg, arch, src, tgt, order)
-    return ExpansionPlan(arch, layout, src, tgt, layers, specs, cfg_s, cfg_t, symmetry_breaking, notes)
+    if spelling is not None:
+        specs = [_spelled(spec, spelling) for spec in specs]
+    cfg_t = rewrite_config(cfg_s, cfg_given, arch, src, tgt, order)
+    return ExpansionPlan(arch, layout, src, tgt, layers, specs, cfg_s, cfg_t, symmetry_breaking, notes,
+                         spelling=spelling)
+
+
+def _spelled(spec: TensorSpec, spelling: SourceSpelling) -> TensorSpec:
+    """The spec under the source's own names (its noise key stays the table name, so every
+    spelling of one checkpoint gives the same bytes)."""
+    name = spelling.source_name(spec.name)
+    source = spelling.source_name(spec.source) if spec.source is not None else None
+    if name == spec.name and source == spec.source:
+        return spec
+    return replace(spec, name=name, source=source, key_name=spec.key_name or spec.name)
 
 
 def _with_rule(spec: TensorSpec, rule: str) -> TensorSpec:
@@ -450,40 +340,7 @@ def _tied_copy(partner: TensorSpec, name: str) -> TensorSpec:
                    key_name=partner.key_name)
 
 
-def _config_shape(arch: Architecture, cfg: dict, src: Sizes, template: str) -> tuple[int, ...]:
-    """Shapes of embeddings and heads, which depend on vocabulary, positions, image geometry."""
-    d = src.hidden
-    t = template
-    if arch.family == "gpt2":
-        return {"wte.weight": (cfg["vocab_size"], d), "wpe.weight": (cfg["n_positions"], d),
-                "lm_head.weight": (cfg["vocab_size"], d)}[t]
-    if arch.family == "bert":
-        table = {
-            "embeddings.word_embeddings.weight": (cfg["vocab_size"], d),
-            "embeddings.position_embeddings.weight": (cfg["max_position_embeddings"], d),
-            "embeddings.token_type_embeddings.weight": (cfg.get("type_vocab_size", 2), d),
-            "cls.predictions.decoder.weight": (cfg["vocab_size"], d),
-            "cls.predictions.decoder.bias": (cfg["vocab_size"],),
-            "cls.predictions.bias": (cfg["vocab_size"],),
-        }
-        return table[t]
-    if arch.family == "vit":
-        patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
-        channels = cfg.get("num_channels", 3)
-        labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
-        table = {
-            "embeddings.cls_token": (1, 1, d), "embeddings.mask_token": (1, 1, d),
-            "embeddings.position_embeddings": (1, patches + 1, d),
-            "embeddings.patch_embeddings.projection.weight": (d, channels, cfg["patch_size"], cfg["patch_size"]),
-            "classifier.weight": (labels, d), "classifier.bias": (labels,),
-        }
-        return table[t]
-    if arch.family == "llama" and t == "lm_head.weight":
-        return (cfg["vocab_size"], d)
-    raise LemonError(f"cannot infer the shape of {template!r} from the config")
-
-
-def _check_family_rules(arch: Architecture, cfg: dict, src: Sizes, tgt: Sizes, allow_lossy: bool) -> list[str]:
+def _check_rules(arch: Architecture, cfg: dict, src: Sizes, tgt: Sizes, allow_lossy: bool) -> list[str]:
     notes = []
     if arch.post_ln and tgt.hidden % src.hidden:
         if not allow_lossy:
@@ -495,8 +352,8 @@ def _check_family_rules(arch: Architecture, cfg: dict, src: Sizes, tgt: Sizes, a
     if arch.post_ln and tgt.layers > src.layers:
         eps = cfg.get(arch.fields["eps"])
         notes.append(f"Post-LN depth: exact up to LayerNorm eps ({eps}), the new layers re-normalise a normalised stream")
-    if arch.family == "gpt2" and cfg.get("scale_attn_by_inverse_layer_idx") and tgt.layers != src.layers:
-        raise LemonError("config field 'scale_attn_by_inverse_layer_idx' makes attention depend on the layer index: depth growth would change the function")
-    if arch.family == "llama" and cfg.get("model_type") not in arch.model_types:
-        raise LemonError(f"model_type {cfg.get('model_type')!r} is not supported")
+    grows = {"depth": tgt.layers != src.layers, "width": tgt.hidden != src.hidden or tgt.ffn != src.ffn}
+    for field_name, (growth, reason) in arch.refusals.items():
+        if cfg.get(field_name) and grows[growth]:
+            raise LemonError(f"config field {field_name!r} {reason}")
     return notes

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch.tables import Architecture
+from ..arch import Architecture, evaluate
 from ..errors import LemonError
 
 
@@ -39,8 +39,8 @@ def _field(cfg: dict, arch: Architecture, generic: str, required: bool = True):
 def source_sizes(arch: Architecture, cfg: dict) -> Sizes:
     hidden = int(_field(cfg, arch, "hidden_size"))
     heads = int(_field(cfg, arch, "num_attention_heads"))
-    ffn = _field(cfg, arch, "intermediate_size", required=arch.family != "gpt2")
-    ffn = int(ffn) if ffn is not None else 4 * hidden  # GPT-2: n_inner None means 4 * n_embd
+    ffn = _field(cfg, arch, "intermediate_size", required=arch.ffn_default is None)
+    ffn = int(ffn) if ffn is not None else evaluate(arch.ffn_default, {**cfg, "hidden": hidden})
     kv = _field(cfg, arch, "num_key_value_heads", required=False)
     kv = int(kv) if kv is not None else heads
     head_dim = _field(cfg, arch, "head_dim", required=False) if arch.explicit_head_dim else None

@@ -1,0 +1,168 @@
+"""The vocabulary of the architecture tables: what a family, a model-class layout and a tensor
+role are, as data. The engine reads these; nothing outside ``lemon_ext/arch`` knows a family.
+
+Size symbols (usable in role shapes, table shapes and expressions; see ``evaluate``):
+    hidden, ffn, heads, kv_heads, head_dim, layers, attn (= heads * head_dim),
+    kv_attn (= kv_heads * head_dim), plus every config field (after the table's ``defaults``) and
+    ``num_labels`` (len(id2label), as transformers defines it).
+
+Axis rules (``Role.rows`` / ``Role.cols``; a tuple concatenates segments, each with its own
+source offset: fused [q|k|v] or [gate|up] tensors):
+    stream       writes the residual stream: k copies, tail V_avg (LayerNorm) / V_zero (RMSNorm)
+    stream_in    reads the normalised stream: k copies (fan-in split), tail FREE (random)
+    stream_circ  V_circ of the hidden axis (norm gains, replicated pooler units)
+    stream_zero  k copies then zeros (LayerNorm beta)
+    q_heads      whole query heads replicated circularly (head_dim fixed)
+    kv_heads     whole key/value heads replicated circularly
+    ffn          FFN neurons replicated circularly
+    keep         the axis does not grow (vocabulary, positions, labels, channels, experts)
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from dataclasses import dataclass, field
+
+from ..errors import LemonError
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a tensor role means: how each axis of the tensor's 2-D view maps source -> target.
+
+    view: "rows" (shape[0] rows, the rest flattened into columns: weights (out, in), convs),
+        "cols" (the last axis is the hidden axis: embeddings (N, D), (1, P, D)), "vector" (1-D:
+        one row, the vector's axis is ``cols``), "auto" ("vector" for 1-D tensors, else "rows").
+    shape: the source shape in size symbols (None: from the family table's ``shapes`` or the
+        checkpoint, for embeddings and heads whose vocabulary / geometry is not a size).
+    split: the columns are a fan-in of replicated units: split (LEMON / projection / equal).
+    writes_stream: a branch output (attention out, FFN down): exactly zero in new layers.
+    gain / shift: a norm's gain (scaled by eta, and by 1/k before a tied head) / bias (1/k there).
+    stored_transposed: stored (in, out) when the family has ``conv1d`` (GPT-2's Conv1D).
+    rule / what: the plan's rule column; ``what`` describes the rows (formatted with the sizes).
+    """
+
+    view: str
+    rows: str | tuple[str, ...] = "keep"
+    cols: str | tuple[str, ...] = "keep"
+    shape: tuple[str, ...] | None = None
+    split: bool = False
+    writes_stream: bool = False
+    gain: bool = False
+    shift: bool = False
+    stored_transposed: bool = False
+    rule: str = ""
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One model class's tensor naming: a prefix for the backbone plus head tensors."""
+
+    name: str  # e.g. "causal_lm"
+    prefix: str  # backbone prefix, e.g. "model."
+    head: tuple[tuple[str, ...], ...] = ()  # (name, role[, when]) outside the backbone
+    tied: tuple[tuple[str, str], ...] = ()  # (tied name, name it copies) when tie flag is set
+    final_norm: tuple[str, ...] = ()  # norms feeding a tied head (scaled by 1/k)
+    architectures: tuple[str, ...] = ()  # config.architectures values that select this layout
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Tensor table and config semantics of one model family.
+
+    Tensor entries are ``(template, role)`` or ``(template, role, when)``: ``{i}`` is the layer
+    index; a template ending in ``?`` is optional. With the checkpoint's names known, an optional
+    tensor exists if the checkpoint has it; from a config alone, if ``when`` holds (see
+    ``condition_holds``; no ``when``: it exists).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    norm: str  # "layernorm" (stream V_avg) or "rmsnorm" (stream V_zero)
+    post_ln: bool  # Post-LN blocks (BERT): depth by the LayerNorm-chain rule
+    fields: dict[str, str]  # generic size name -> config field
+    embeddings: tuple[tuple[str, ...], ...]
+    layer: tuple[tuple[str, ...], ...]
+    final: tuple[tuple[str, ...], ...]
+    layouts: tuple[Layout, ...]
+    conv1d: bool = False  # weights of roles with stored_transposed are stored (in, out)
+    post_ln_positions: dict[str, str] = field(default_factory=dict)  # template -> ln_attn/ln_out
+    explicit_head_dim: bool = False  # config may fix head_dim independently of hidden_size
+    tie_field: str = "tie_word_embeddings"
+    #: config fields transformers fills in when config.json omits them (its config class defaults)
+    defaults: dict[str, object] = field(default_factory=dict)
+    #: the FFN width when its config field is absent or null (an expression in size symbols)
+    ffn_default: str | None = None
+    #: source shapes of tensors whose shape is not a size (embeddings, heads): template -> dims
+    shapes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: config fields holding the hidden size that follow it when equal to it
+    hidden_followers: tuple[str, ...] = ()
+    #: config lists with one entry per layer (remapped to the target layer order)
+    layer_lists: tuple[str, ...] = ("layer_types",)
+    #: config fields counting the first N layers (recounted over the target layer order)
+    layer_thresholds: tuple[str, ...] = ()
+    #: config flags that make a growth change the function: field -> (growth, reason)
+    refusals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: tensors that are derived buffers, not weights (rebuilt by transformers on load), relative to
+    #: the backbone prefix or, starting with "/", absolute: template -> reason
+    derived: dict[str, str] = field(default_factory=dict)
+    #: older spellings transformers renames on load, in order: (regex on the old name, new text)
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+# -- conditions and expressions -------------------------------------------------------------------
+
+def condition_holds(when: str | None, cfg: dict, layout: Layout) -> bool:
+    """Evaluate a presence condition: alternatives joined by ``|``, each ``field`` (truthy),
+    ``field=value`` (config value equals, as a string), ``layout=name`` or ``never``."""
+    if when is None:
+        return True
+    for alt in when.split("|"):
+        alt = alt.strip()
+        if alt == "never":
+            continue
+        if "=" in alt:
+            key, value = alt.split("=", 1)
+            actual = layout.name if key == "layout" else cfg.get(key)
+            if str(actual) == value:
+                return True
+        elif cfg.get(alt):
+            return True
+    return False
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
+
+
+def evaluate(expr: str | int, names: dict) -> int:
+    """An integer expression in size symbols and config fields (``+ - * // **``, parentheses).
+
+    Raises LemonError naming the config field when a symbol is missing.
+    """
+    if isinstance(expr, int):
+        return expr
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            value = names.get(node.id)
+            if value is None:
+                raise LemonError(f"config field {node.id!r} is missing")
+            return int(value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](walk(node.left), walk(node.right))
+        raise LemonError(f"internal: unsupported table expression {expr!r}")
+
+    return walk(ast.parse(str(expr), mode="eval"))
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A regex matching a name template with ``{i}`` / ``{e}`` standing for any integer."""
+    parts = re.split(r"(\{[a-z]\})", template)
+    return re.compile("".join(r"\d+" if re.fullmatch(r"\{[a-z]\}", p) else re.escape(p) for p in parts) + r"\Z")

@@ -1,0 +1,128 @@
+"""Role data -> TensorSpec: the one place that turns a role (lemon_ext/arch/roles.py) and the
+plan's sizes into a tensor's row and column maps, factors, split mode and rule text."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..arch import ROLES, Architecture
+from ..errors import LemonError
+from ..ops import FREE, ZERO
+from . import axes
+from .sizes import Sizes
+from .spec import TensorSpec
+
+
+class SpecBuilder:
+    """Builds the TensorSpec of each tensor of one plan."""
+
+    def __init__(self, arch: Architecture, src: Sizes, tgt: Sizes, mode: str, noise_std: float, tied_factor: float):
+        self.arch, self.src, self.tgt = arch, src, tgt
+        self.mode, self.noise_std = mode, noise_std
+        self.tied_factor = tied_factor
+        self.eta = axes.eta(src.hidden, tgt.hidden)
+        self.k = tgt.hidden // src.hidden
+
+    # -- axes -------------------------------------------------------------------------------------
+    def _source_length(self, rule: str) -> int:
+        s = self.src
+        lengths = {"stream": s.hidden, "stream_in": s.hidden, "stream_circ": s.hidden, "stream_zero": s.hidden,
+                   "q_heads": s.attn, "kv_heads": s.kv_attn, "ffn": s.ffn}
+        if rule not in lengths:
+            raise LemonError(f"internal: axis rule {rule!r} cannot be a segment of a fused tensor")
+        return lengths[rule]
+
+    def axis(self, rule, source_length: int) -> torch.Tensor:
+        """The target -> source index map of one axis (a tuple: fused segments, offsets added)."""
+        if isinstance(rule, tuple):
+            parts, offset = [], 0
+            for segment in rule:
+                m = self.axis(segment, self._source_length(segment))
+                parts.append(torch.where(m >= 0, m + offset, m))  # sentinels stay sentinels
+                offset += self._source_length(segment)
+            if offset != source_length:
+                raise LemonError(f"internal: fused segments {rule} cover {offset} of {source_length} entries")
+            return torch.cat(parts)
+        s, t = self.src, self.tgt
+        if rule == "keep":
+            return axes.keep(source_length)
+        maps = {
+            "stream": lambda: axes.stream(s.hidden, t.hidden, self.arch.norm),
+            "stream_in": lambda: axes.stream_input(s.hidden, t.hidden),
+            "stream_circ": lambda: axes.circular(s.hidden, t.hidden),
+            "stream_zero": lambda: axes.zero_tail(s.hidden, t.hidden),
+            "q_heads": lambda: axes.heads(s.heads, t.heads, s.head_dim),
+            "kv_heads": lambda: axes.heads(s.kv_heads, t.kv_heads, s.head_dim),
+            "ffn": lambda: axes.circular(s.ffn, t.ffn),
+        }
+        if rule not in maps:
+            raise LemonError(f"internal: unknown axis rule {rule!r}")
+        return maps[rule]()
+
+    # -- specs ------------------------------------------------------------------------------------
+    def transposed(self, role: str) -> bool:
+        return self.arch.conv1d and ROLES[role].stored_transposed
+
+    def build(self, name, source, role_name, source_shape, *, new_output=False, final_norm=False,
+              key_name="", fill=None) -> TensorSpec:
+        """The spec of target ``name`` built from ``source`` (shape ``source_shape``) by its role.
+
+        new_output: the tensor belongs to a new (zero-output) layer; final_norm: a norm feeding a
+        tied head (scaled by 1/k); fill: a constant source (Post-LN identity norms).
+        """
+        if role_name not in ROLES:
+            raise LemonError(f"internal: unknown role {role_name!r} for tensor {name!r}")
+        role = ROLES[role_name]
+        s, t = self.src, self.tgt
+        transpose = self.transposed(role_name)
+        view = role.view if role.view != "auto" else ("vector" if len(source_shape) == 1 else "rows")
+        if view == "vector":
+            n_rows, n_cols = 1, math.prod(source_shape)
+        elif view == "cols":
+            n_rows, n_cols = math.prod(source_shape[:-1]), source_shape[-1]
+        else:
+            n_rows, n_cols = source_shape[0], math.prod(source_shape[1:])
+            if transpose:
+                n_rows, n_cols = n_cols, n_rows
+        rows = axes.keep(1) if view == "vector" else self.axis(role.rows, n_rows)
+        cols = self.axis(role.cols, n_cols)
+        zero_output = new_output and role.writes_stream
+        split = "none"
+        if role.split:
+            split = ("cancel_equal" if self.mode == "equal" else "cancel") if zero_output else self.mode
+        extra = self.tied_factor if final_norm else 1.0
+        factor = (self.eta if role.gain else 1.0) * (extra if role.gain or role.shift else 1.0)
+        col_factor = torch.full((cols.numel(),), factor, dtype=torch.float64) if factor != 1.0 else None
+        k_desc = f"k={self.k}" + (f", r={t.hidden % s.hidden}" if t.hidden % s.hidden else "")
+        rule = role.rule.format(
+            k=k_desc, tail=", tail random" if t.hidden % s.hidden else "", split=split,
+            stream_type="V_avg" if self.arch.norm == "layernorm" else "V_zero", eta=f"{self.eta:.6g}",
+            tied=f", x1/{self.k} (tied head)" if extra != 1.0 else "",
+            what=role.what.format(hs=s.heads, ht=t.heads, kvs=s.kv_heads, kvt=t.kv_heads, fs=s.ffn, ft=t.ffn),
+        )
+        if zero_output and view == "vector":
+            cols, rule = torch.full((cols.numel(),), ZERO, dtype=torch.int64), "zero (new layer output bias)"
+        target_shape = _target_shape(source_shape, view, transpose, rows.numel(), cols.numel())
+        noise = self.noise_std if split != "none" or bool((cols == FREE).any()) else 0.0
+        return TensorSpec(
+            name=name, source=source, source_shape=tuple(source_shape), target_shape=target_shape,
+            role=role_name, rule=rule, row_map=rows, col_map=cols, view=view, transpose=transpose,
+            row_factor=None, col_factor=col_factor, split=split, noise_std=noise,
+            key_name=key_name or name, fill=fill,
+        )
+
+
+def _target_shape(source_shape, view, transpose, num_rows, num_cols) -> tuple[int, ...]:
+    if view == "vector":
+        return (num_cols,)
+    if view == "cols":
+        return tuple(source_shape[:-1]) + (num_cols,)
+    if transpose:
+        return (num_cols, num_rows)
+    rest = tuple(source_shape[1:])
+    if len(rest) > 1:
+        if math.prod(rest) != num_cols:
+            raise LemonError(f"internal: cannot reshape {num_cols} columns to {rest}")
+        return (num_rows,) + rest
+    return (num_rows, num_cols)
