@@ -137,10 +137,27 @@ def _choose_layout(arch: Architecture, cfg: dict, names: set[str] | None) -> Lay
         missing = [entry[0] for entry in layout.head
                    if not entry[0].endswith("?") and entry[0] not in names and entry[0] not in tied]
         if not missing:
-            return layout
+            return _rerooted(arch, layout, wanted, tie)
         first_missing = first_missing or (missing[0], layout)
     name, layout = first_missing
     raise LemonError(f"tensor {name!r} is missing from the source ({arch.family} {layout.name})")
+
+
+def _rerooted(arch: Architecture, layout: Layout, wanted: str | None, tie: bool) -> Layout:
+    """A backbone-only key set under an LM class whose head is tied (openai-community/gpt2: no
+    ``transformer.`` prefix, no ``lm_head``): the LM layout under the backbone's names, so the
+    tied head's final-norm rule still applies (transformers adds the prefix on load)."""
+    if layout.prefix or not tie:
+        return layout
+    for lm in arch.layouts:
+        required = [e[0] for e in lm.head if not e[0].endswith("?")]
+        tied = dict(lm.tied)
+        if wanted in lm.architectures and lm.prefix and tied and all(n in tied for n in required):
+            strip = len(lm.prefix)
+            return replace(lm, name=f"{lm.name}, backbone names", prefix="",
+                           tied=tuple((n, partner[strip:]) for n, partner in lm.tied),
+                           final_norm=tuple(n[strip:] for n in lm.final_norm))
+    return layout
 
 
 def _bare(template: str) -> str:
