@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lemon_ext.checkpoint import expand_state_dict_pipelined
 from lemon_ext.checkpoint.testing import synthetic_llama_config, synthetic_llama_tensors
+from lemon_ext.engine.api import expand_state_dict_pipelined
 
 # ~1.1B parameters (TinyLlama's shape, 2.2 GB bf16) -> 2x width, 1.5x depth
 FULL = dict(hidden=2048, ffn=5632, heads=32, kv_heads=4, layers=22, vocab=32000)

@@ -1,5 +1,5 @@
 """The CUDA pipeline's orchestration (pinned pools, three streams, events, reader/writer threads)
-run on CPU against a stand-in for its CUDA calls (``pipeline._CudaCalls``).
+run on CPU against a stand-in for its CUDA calls (``lemon_ext.execution.pipeline._CudaCalls``).
 
 The stand-in makes asynchrony visible: every host-to-device and device-to-host copy is queued on
 its stream and runs only when an event recorded after it is waited on (``Event.synchronize`` or
@@ -18,10 +18,11 @@ import threading
 import pytest
 import torch
 
-from lemon_ext.checkpoint import expand_state_dict_pipelined, pipeline
-from lemon_ext.checkpoint import state_dict as state_dict_module
 from lemon_ext.checkpoint.testing import tiny_llama_config
+from lemon_ext.engine import api as engine_api
 from lemon_ext.engine import expand_state_dict
+from lemon_ext.engine.api import expand_state_dict_pipelined
+from lemon_ext.execution import pipeline
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3)
 
@@ -158,7 +159,7 @@ def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, mon
         keep = sink if copy_out or output_device != "cpu" else (lambda spec, t: sink(spec, t.clone()))
         return run(specs, fetch, keep, **kw)
 
-    monkeypatch.setattr(state_dict_module, "run_specs", run_specs_on_fake_cuda)
+    monkeypatch.setattr(engine_api, "run_specs", run_specs_on_fake_cuda)
     got, cfg_got = expand_state_dict_pipelined(sd, cfg, seed=3, device="cpu", **SIZES)
     ref, cfg_ref = expand_state_dict(sd, cfg, seed=3, **SIZES)
     assert list(got) == list(ref) and cfg_got == cfg_ref

@@ -355,8 +355,8 @@ def test_pipelined_state_dict_equals_expand_state_dict(tied):
     """The pipeline entry point for in-memory state dicts (the engine's large-sd/GPU path)."""
     from transformers import LlamaForCausalLM
 
-    from lemon_ext.checkpoint import expand_state_dict_pipelined
     from lemon_ext.checkpoint.testing import tiny_llama_config
+    from lemon_ext.engine.api import expand_state_dict_pipelined
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tied=tied))

@@ -3,14 +3,12 @@ matches the closed-form AdamW update from the grown state (CPU, float32 state, f
 import pytest
 import torch
 
+import lemon_ext
 from lemon_ext.errors import LemonError
 from lemon_ext.optim_state import expand_optimizer_state
 from lemon_ext.train.optim import build_adamw
 
 transformers = pytest.importorskip("transformers")
-lemon_ext = pytest.importorskip("lemon_ext")
-if not hasattr(lemon_ext, "expand_model"):
-    pytest.skip("engine (lemon_ext.expand_model) not available", allow_module_level=True)
 
 D_S, L_S, V = 16, 1, 32
 KW = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, seed=7)

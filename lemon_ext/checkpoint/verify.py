@@ -5,8 +5,7 @@ What is compared (the rule that holds whatever the head):
 - otherwise ``last_hidden_state``: the target's first D_S channels equal the source's up to one
   scalar (a tied-head expansion scales the final norm by 1/k), fitted by least squares; and
   ``pooler_output[..., :D_S]`` when present (replicated pooler units: equal).
-The engine's ``lemon_ext.engine.compare_outputs(out_s, out_t, cfg_s, cfg_t)`` is used instead
-when the engine provides one. Error = max |t - c*s| / max |s| (relative to the output's scale).
+Error = max |t - c*s| / max |s| (relative to the output's scale).
 """
 from __future__ import annotations
 
@@ -83,15 +82,6 @@ def _rel(t: torch.Tensor, s: torch.Tensor, fit_scale: bool) -> tuple[float, floa
 
 def compare(out_s, out_t, d_s: int) -> tuple[float, str, float]:
     """(relative error, what was compared, fitted scale) for two model outputs."""
-    try:
-        from ..engine import compare_outputs  # the lead's helper, when it exists
-    except ImportError:
-        compare_outputs = None
-    if compare_outputs is not None:
-        res = compare_outputs(out_s, out_t)
-        if isinstance(res, dict):
-            return float(res.get("max_rel_error", res.get("error"))), str(res.get("compared", "engine")), 1.0
-        return float(res), "engine.compare_outputs", 1.0
     logits_s = getattr(out_s, "logits", None)
     if logits_s is not None:
         err, _ = _rel(out_t.logits, logits_s, fit_scale=False)

@@ -6,6 +6,7 @@ from collections import Counter
 import torch
 
 from ..errors import LemonError
+from ..execution import run_specs
 from .plan import plan_expansion
 
 
@@ -54,9 +55,7 @@ def expand_state_dict(
         raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
     if _host_to_gpu(sd_s, device):
         # Many GB on the host, computed on a GPU: tensors go up, expand and come back through
-        # pinned buffers while the next one loads (the checkpoint streaming pipeline).
-        from ..checkpoint.state_dict import expand_state_dict_pipelined
-
+        # pinned buffers while the next one loads (the streaming pipeline, lemon_ext.execution).
         return expand_state_dict_pipelined(sd_s, cfg_s, seed=seed, dtype=dtype, device=device,
                                            backend=backend, output_device="cpu", **sizes_and_options)
     shapes = {name: tuple(t.shape) for name, t in sd_s.items()}
@@ -68,6 +67,35 @@ def expand_state_dict(
         source = sd_s[spec.source] if spec.source is not None else None
         sd_t[spec.name] = spec.execute(source, seed=seed, dtype=out_dtype or _dtype_of(source, sd_s),
                                        device=device, backend=backend)
+    return sd_t, plan.target_config
+
+
+def expand_state_dict_pipelined(sd_s: dict, cfg_s, *, seed: int = 0, dtype=None, device="auto",
+                                backend: str = "auto", output_device="cpu", **sizes_and_options):
+    """``expand_state_dict`` through the bounded pipeline (``lemon_ext.execution.run_specs``), for
+    host state dicts of many GB on a GPU; ``expand_state_dict(sd, cfg, device="cuda")`` on a host
+    state dict comes here.
+
+    Same tensors as ``expand_state_dict`` (same seed, same dtype rule), returned on
+    ``output_device`` (host by default). On CUDA, sources are staged through pinned buffers and
+    read, host-to-device copy, kernel and device-to-host copy of different tensors overlap (its
+    orchestration is tested on CPU against a stand-in for the CUDA calls,
+    tests/test_checkpoint_cuda_pipeline.py). On CPU it is the plain loop with a reader and a
+    writer thread. ``device="auto"``: the current CUDA device when one is present, else CPU.
+    Returns (sd_t, cfg_t).
+    """
+    if not isinstance(sd_s, dict):
+        raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
+    shapes = {n: tuple(t.shape) for n, t in sd_s.items()}
+    plan = plan_expansion(cfg_s, seed=seed, source_shapes=shapes, **sizes_and_options)
+    plan.check_source(shapes)
+    out_dtype = resolve_dtype(dtype)
+    synthetic = synthetic_dtype(t.dtype for t in sd_s.values())  # expand_state_dict's rule (_dtype_of)
+    dtypes = {s.name: out_dtype or (sd_s[s.source].dtype if s.source is not None else synthetic) for s in plan.specs}
+    sd_t: dict = {}
+    run_specs(plan.specs, sd_s.__getitem__, lambda spec, t: sd_t.__setitem__(spec.name, t), device=device,
+              seed=seed, dtype=dtypes, backend=backend, copy_out=True, output_device=output_device,
+              source_dtypes={n: t.dtype for n, t in sd_s.items()})
     return sd_t, plan.target_config
 
 

@@ -21,9 +21,14 @@ device-to-host on a third stream into pinned target buffers (a pool of ``max_liv
 the writer thread waits for that copy's event before calling the sink. Read, H2D, kernel, D2H and
 write of different tensors overlap.
 
-Also the engine's large-state-dict path: ``run_specs(plan.specs, sd.__getitem__, lambda s, t:
-out.__setitem__(s.name, t), device="cuda")`` expands a host state dict of many GB through the GPU
-with pinned staging (pass ``copy_out=True``, the default, so the tensors handed over are owned).
+Two callers, one layer above: the engine's large-state-dict path (``expand_state_dict(sd, cfg,
+device="cuda")`` on a host state dict runs ``run_specs(plan.specs, sd.__getitem__, lambda s, t:
+out.__setitem__(s.name, t), device="cuda")``: a host state dict of many GB through the GPU with
+pinned staging; ``copy_out=True``, the default, so the tensors handed over are owned) and the
+checkpoint tool (``lemon_ext.checkpoint.expand``: fetch from files, sink into shard writers).
+This module imports torch and ``lemon_ext.errors`` only (specs bring their kernels from ``lemon_ext.ops``) and never
+imports the engine or the checkpoint tool; its own errors are ``LemonError``. Errors raised by
+``fetch_source``, ``spec.execute`` or ``sink`` reach the caller unchanged.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ import time
 from typing import Callable, Iterable
 
 import torch
+
+from ..errors import LemonError
 
 _STOP = object()
 
@@ -48,8 +55,7 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import CheckpointError
-        raise CheckpointError(f"device '{device}' requested but CUDA is not available")
+        raise LemonError(f"device '{device}' requested but CUDA is not available")
     return dev
 
 
@@ -171,7 +177,8 @@ def run_specs(
     Args:
         specs: TensorSpec-like objects (``.name``, ``.source`` (str or None), ``.target_shape``,
             ``.execute(src, *, seed, dtype, device, backend) -> Tensor``).
-        fetch_source: ``name -> CPU tensor``; if it accepts ``out=`` (like ``SourceCheckpoint.get``)
+        fetch_source: ``name -> CPU tensor``; if it accepts ``out=`` (like the checkpoint tool's
+            ``SourceCheckpoint.get``)
             the CUDA path reads straight into pinned buffers.
         sink: ``(spec, tensor) -> None``, called in spec order from one thread. On the CUDA path
             with ``copy_out=False`` the tensor is a view of a reused pinned buffer, valid only
