@@ -46,6 +46,7 @@ LLAMA = Architecture(
         ("layers.{i}.mlp.down_proj.bias?", "down_bias", "mlp_bias"),
     ),
     final=(("norm.weight", "norm_weight"),),
+    defaults={"tie_word_embeddings": False},  # the Llama, Mistral and Qwen2 config classes agree
     shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")},
     layer_thresholds=("max_window_layers",),  # Qwen2: layers >= max_window_layers use sliding windows
     derived={
@@ -73,7 +74,7 @@ GPT2 = Architecture(
         hidden_size="n_embd", intermediate_size="n_inner", num_attention_heads="n_head",
         num_hidden_layers="n_layer", eps="layer_norm_epsilon",
     ),
-    defaults={"tie_word_embeddings": True, "n_inner": None},  # GPT2Config's defaults
+    defaults={"tie_word_embeddings": True, "n_inner": None, "n_positions": 1024, "vocab_size": 50257},  # GPT2Config's
     ffn_default="4 * hidden",  # n_inner null: 4 * n_embd
     shapes={"wte.weight": ("vocab_size", "hidden"), "wpe.weight": ("n_positions", "hidden"),
             "lm_head.weight": ("vocab_size", "hidden")},
@@ -150,7 +151,8 @@ BERT = Architecture(
     ),
     final=(("pooler.dense.weight?", "pooler_weight", _BERT_POOLER),
            ("pooler.dense.bias?", "pooler_bias", _BERT_POOLER)),
-    defaults={"tie_word_embeddings": True, "type_vocab_size": 2},  # BertConfig's defaults
+    defaults={"tie_word_embeddings": True, "type_vocab_size": 2, "vocab_size": 30522,
+              "max_position_embeddings": 512},  # BertConfig's defaults
     shapes={
         "embeddings.word_embeddings.weight": ("vocab_size", "hidden"),
         "embeddings.position_embeddings.weight": ("max_position_embeddings", "hidden"),
@@ -239,7 +241,7 @@ VIT = Architecture(
         ("pooler.dense.weight?", "pooler_weight", "layout=base"),
         ("pooler.dense.bias?", "pooler_bias", "layout=base"),
     ),
-    defaults={"qkv_bias": True, "num_channels": 3},  # ViTConfig's defaults
+    defaults={"qkv_bias": True, "num_channels": 3, "image_size": 224, "patch_size": 16},  # ViTConfig's defaults
     shapes={
         "embeddings.cls_token": (1, 1, "hidden"),
         "embeddings.mask_token": (1, 1, "hidden"),
