@@ -6,12 +6,13 @@ import errno
 import json
 import os
 import threading
+from collections import OrderedDict
 
 import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from lemon_ext.checkpoint import pipeline
+from lemon_ext.checkpoint.device import resolve_device
 from lemon_ext.checkpoint.errors import CheckpointError
 from lemon_ext.checkpoint.outdir import OutputDir
 from lemon_ext.checkpoint.safetensors_format import build_header, file_order, read_header, read_tensor
@@ -19,6 +20,7 @@ from lemon_ext.checkpoint.shards import build_index, parse_size, plan_shards, sh
 from lemon_ext.checkpoint.source import SourceCheckpoint
 from lemon_ext.checkpoint.writer import ShardWriter, sha256_file
 from lemon_ext.errors import LemonError
+from lemon_ext.execution import pipeline
 
 MIXED = {
     "b.weight": torch.arange(15, dtype=torch.float32).reshape(3, 5).to(torch.bfloat16),
@@ -203,6 +205,32 @@ def test_source_errors_name_the_file(tmp_path, case, match):
     assert "\n" not in str(e.value) and isinstance(e.value, LemonError)
 
 
+class _NotAStateDict(OrderedDict):
+    """A class the weights-only unpickler does not allow (its module is not torch's)."""
+
+
+class _CallsSystem:
+    def __reduce__(self):  # pickled as a reference to os.system; never called by these tests
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("case", ["os_system", "custom_class", "legacy_format"])
+def test_unsafe_pickle_is_one_plain_line_naming_the_global(tmp_path, case):
+    d = _write_dir(tmp_path, {})
+    path = os.path.join(d, "pytorch_model.bin")
+    if case == "custom_class":
+        torch.save(_NotAStateDict(x=torch.zeros(2)), path)
+        refused = f"{_NotAStateDict.__module__}.{_NotAStateDict.__qualname__}"
+    else:  # zip format (memory-mapped path) and the legacy format (loaded whole)
+        torch.save({"x": _CallsSystem()}, path, _use_new_zipfile_serialization=case == "os_system")
+        refused = f"{os.system.__module__}.system"  # posix.system on Linux
+    with pytest.raises(CheckpointError) as e:
+        SourceCheckpoint(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: refused to unpickle global '{refused}' (weights_only=True loads tensors only;")
+    assert msg.endswith(")") and "\n" not in msg and "\x1b" not in msg, msg
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("2GiB") == 2 * 2**30
@@ -344,8 +372,11 @@ def test_run_specs_propagates_errors(where):
 def test_run_specs_refuses_missing_cuda():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(CheckpointError, match="CUDA is not available"):
+    with pytest.raises(LemonError, match="CUDA is not available") as info:
         pipeline.run_specs([], lambda n: None, lambda s, t: None, device="cuda")
+    assert not isinstance(info.value, CheckpointError)  # the execution layer's own error
+    with pytest.raises(CheckpointError, match="CUDA is not available"):  # the checkpoint tool's
+        resolve_device("cuda")
 
 
 def test_big_bin_files_are_unmapped_after_each_read(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Phases (each its own module): read and validate headers (``source``), plan the expansion (the
 engine's ``plan_expansion``) and the shards (``shards``), then every rank streams its whole shards
-through the pipeline (``pipeline`` + ``writer``) into a hidden temporary directory (``outdir``);
+through the spec pipeline (``lemon_ext.execution``) and the ``writer`` into a hidden temporary directory (``outdir``);
 rank 0 writes index, config, copied files, report and model card, optionally verifies, and renames
 the directory into place. Everything up to the pipeline reads headers only, so a dry run reports
 every error before a weight is read.
@@ -20,15 +20,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine import plan_expansion
 from ..engine.api import DTYPES, synthetic_dtype
 from ..engine.api import resolve_dtype as engine_resolve_dtype
 from ..errors import LemonError
+from ..execution import run_specs
+from .device import resolve_device
 from .distributed import Dist, init_from_env, rank_device
 from .errors import CheckpointError, VerificationError
 from .outdir import OutputDir, write_json_atomic
-from .pipeline import resolve_device, run_specs
 from .report import copy_aux_files, model_card, plan_rows, versions, write_config, write_text
 from .safetensors_format import dtype_size
+from .sentence_transformers import check_sentence_transformers, copy_sentence_transformers_modules
 from .shards import Shard, build_index, parse_size, plan_shards, shards_for_rank
 from .source import SourceCheckpoint, _load_json
 from .writer import ShardWriter, Syncer
@@ -82,17 +85,9 @@ class Job:
         return 2 * self.largest_target + max(s.nbytes for s in self.shards) + 2**30
 
 
-def _plan_expansion():
-    try:
-        from ..engine import plan_expansion
-    except ImportError as e:  # pragma: no cover - the engine ships with the package
-        raise CheckpointError(f"the expansion engine is not available ({e})") from None
-    return plan_expansion
-
-
 def _plan(cfg: dict, shapes: dict | None, **kwargs):
     """plan_expansion from the checkpoint's own names and shapes (a tied head may be absent)."""
-    return _plan_expansion()(cfg, source_shapes=shapes, **kwargs)
+    return plan_expansion(cfg, source_shapes=shapes, **kwargs)
 
 
 def _target_dtypes(plan, source: SourceCheckpoint, dtype: torch.dtype | None) -> dict:
@@ -168,6 +163,15 @@ def analyze(src, *, sizes: dict, options: dict, seed: int = 0, dtype=None, max_s
             shards = plan_shards([(s.name, dtypes[s.name], tuple(s.target_shape)) for s in plan.specs], limit)
             fp = _fingerprint(source, plan, dtypes, shards, seed, options)
             job = Job(source, plan, dtypes, shards, fp, options, list(getattr(plan, "notes", [])))
+    if plan is not None:  # sentence-transformers folders (modules.json): refusals before any write
+        try:
+            st_notes = check_sentence_transformers(src, plan.source_sizes.hidden, plan.target_sizes.hidden,
+                                                   options.get("allow_lossy", False))
+        except CheckpointError as e:
+            fail(e)
+        else:
+            if job is not None:
+                job.notes += st_notes
     return (job, errors) if collect else job
 
 
@@ -319,7 +323,8 @@ def expand_checkpoint(
     2 x the largest target tensor + one shard + 1 GiB. Under ``torchrun`` the shards are split
     across ranks (same bytes as one process). ``dst`` appears only when complete (built as a
     hidden sibling and renamed); an existing ``dst`` is replaced only with ``overwrite``;
-    ``resume`` keeps the finished shards of an interrupted run whose sha256 matches.
+    ``resume`` keeps the finished shards of an interrupted run whose sha256 matches. One run per
+    ``dst`` at a time: a second one raises ``CheckpointError`` at once (``OutputDir.lock``).
 
     Returns the report written to ``dst/lemon_expansion.json``. Raises ``CheckpointError`` (a
     ``LemonError``/``ValueError``) with a one-line message naming the file or tensor at fault.
@@ -331,7 +336,7 @@ def expand_checkpoint(
     options = dict(symmetry_breaking=symmetry_breaking, allow_lossy=allow_lossy,
                    depth_placement=depth_placement if isinstance(depth_placement, str) else list(depth_placement))
     dist = init_from_env()
-    job = None
+    job = out = None
     try:
         job = analyze(src, sizes=sizes, options=options, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
         out = OutputDir(dst, src, overwrite=overwrite, resume=resume)
@@ -340,7 +345,10 @@ def expand_checkpoint(
         resolve_device(dev)
         err = None
         if dist.is_main:
+            # Rank 0 alone locks DST (it prepares and renames) and holds the lock until the finally
+            # below; the other ranks learn of a refusal through this sync, so none waits forever.
             try:
+                out.lock()
                 out.prepare()
             except CheckpointError as e:
                 err = e
@@ -370,6 +378,8 @@ def expand_checkpoint(
         report = dist.sync(err, report)[0]
         return report
     finally:
+        if out is not None:
+            out.unlock()
         if job is not None:
             job.source.close()
         dist.close()
@@ -392,6 +402,8 @@ def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype,
                 cfg[key] = str(out_dtype).replace("torch.", "")
     write_config(out.path("config.json"), cfg)
     copied = copy_aux_files(job.source.path, out.tmp)
+    copied += copy_sentence_transformers_modules(job.source.path, out.tmp, job.plan.source_sizes.hidden,
+                                                 job.plan.target_sizes.hidden)
     p = job.plan
     s, t = p.source_sizes, p.target_sizes
     report = {
@@ -409,6 +421,9 @@ def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype,
             "layer_sources": [layer.source for layer in p.layers], "notes": job.notes,
         },
         "plan": plan_rows(p, job.dtypes),
+        # Derived buffers of the source (position_ids, inv_freq, GPT-2's attn.bias): not weights,
+        # rebuilt by transformers on load, so not written.
+        "dropped_tensors": [{"name": name, "reason": reason} for name, reason in p.dropped],
         "shards": [{"file": sh.filename, "bytes": sh.nbytes, "tensors": len(sh.tensors), **results[sh.filename]}
                    for sh in job.shards],
         "total_size": job.target_bytes,
@@ -429,7 +444,9 @@ def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype,
         raise VerificationError(
             f"{out.dst}: verification failed: max relative error {v['max_rel_error']:.3g} on {v['compared']} "
             f"exceeds {v['tolerance']:.3g} (output kept unrenamed in {out.tmp})")
-    out.remove_stray({sh.filename for sh in job.shards} | {"model.safetensors.index.json", "config.json",
-                                                             "lemon_expansion.json", "README.md", *copied})
-    out.commit()
+    index_name = None if index is None else "model.safetensors.index.json"
+    # Without an index, a stale one from an interrupted run with more shards is stray too.
+    out.remove_stray({sh.filename for sh in job.shards} | {index_name, "config.json", "lemon_expansion.json",
+                                                             "README.md", *copied})
+    out.commit({sh.filename: results[sh.filename]["size"] for sh in job.shards}, index_name)
     return report

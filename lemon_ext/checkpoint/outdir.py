@@ -4,9 +4,16 @@
 recording each finished shard's sha256 and the run's fingerprint (plan, seed, dtype, source). A
 crash leaves only that hidden directory, never a directory named DST; ``--resume`` reuses the
 shards whose record matches the fingerprint and whose file still has the recorded sha256.
+
+One run per DST: ``lock`` holds ``flock`` on ``DST/../.<name>.lemon-lock`` from before the hidden
+directory is prepared (or deleted) until after the rename, so a second run into the same DST stops
+at once instead of deleting the first one's directory. ``commit`` checks every shard's presence and
+size against the record before renaming, so a directory changed under the run never becomes DST.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -49,7 +56,56 @@ class OutputDir:
         parent, name = os.path.split(self.dst)
         self.tmp = os.path.join(parent, f".{name}.lemon-partial")
         self.old = os.path.join(parent, f".{name}.lemon-old")
+        self.lockfile = os.path.join(parent, f".{name}.lemon-lock")
         self.progress = os.path.join(self.tmp, PROGRESS)
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on DST for this run (rank 0, before ``prepare``); never waits.
+
+        The lock file sits beside DST, not in the hidden directory that ``prepare`` may delete.
+        Only the kernel's flock counts, not the file's existence: a crashed run's lock is released
+        with its process, so a leftover file blocks nothing.
+        """
+        if self._lock_fd is not None:
+            return
+        while True:
+            try:
+                fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise CheckpointError(os_error_line(self.lockfile, e)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CheckpointError(
+                        f"{self.dst}: another lemon-expand run holds this output (lock {self.lockfile}); "
+                        f"wait for it or choose another DST") from None
+                raise CheckpointError(os_error_line(self.lockfile, e)) from None
+            # The holder unlinks the file before releasing it (see unlock): if we locked a file
+            # that is no longer at the path, a newer run may hold the one that is; try again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lockfile))
+            except OSError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def unlock(self) -> None:
+        """Release the lock. The file is removed first, while still held, so no lock file is left
+        beside DST after a run that ends (a crash leaves one, harmlessly); ``lock``'s inode check
+        makes this safe against a run that opened the old file just before."""
+        if self._lock_fd is None:
+            return
+        try:
+            os.remove(self.lockfile)
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def check(self) -> None:
         """Refuse what would lose data: DST inside/equal to SRC (or the reverse), or DST existing."""
@@ -107,8 +163,35 @@ class OutputDir:
                 continue
             os.remove(full)
 
-    def commit(self) -> None:
-        """Move the finished directory to DST (replacing an old DST only with overwrite)."""
+    def check_complete(self, sizes: dict, index: str | None = None) -> None:
+        """Every planned file ``{name: size}`` is in the hidden directory with its recorded size,
+        and ``index`` (a file in it, or None for no index) names exactly those files. Presence and
+        size only, no re-hash of GBs: this catches a directory deleted or replaced under the run,
+        so an incomplete directory is never renamed to DST."""
+        keep = f"output not renamed; the partial output stays in {self.tmp}"
+        for name, size in sizes.items():
+            try:
+                got = os.path.getsize(self.path(name))
+            except OSError:
+                raise CheckpointError(f"{self.path(name)}: shard missing before the final rename ({keep})") from None
+            if got != size:
+                raise CheckpointError(f"{self.path(name)}: shard has {got} bytes on disk, {size} were written ({keep})")
+        if index is None:
+            return
+        try:
+            with open(self.path(index), encoding="utf-8") as f:
+                listed = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{self.path(index)}: index unreadable before the final rename ({keep})") from None
+        if listed != set(sizes):
+            odd = sorted(listed ^ set(sizes))[0]
+            raise CheckpointError(f"{self.path(index)}: index and written shards disagree on '{odd}' ({keep})")
+
+    def commit(self, sizes: dict | None = None, index: str | None = None) -> None:
+        """Move the finished directory to DST (replacing an old DST only with overwrite), after
+        ``check_complete(sizes, index)`` when ``sizes`` is given."""
+        if sizes is not None:
+            self.check_complete(sizes, index)
         try:
             shutil.rmtree(self.progress, ignore_errors=True)
             os.remove(os.path.join(self.tmp, MARKER))

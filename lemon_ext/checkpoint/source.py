@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import threading
 from collections import OrderedDict
 
@@ -45,6 +47,34 @@ def _load_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: unreadable {what} (not a JSON object)")
     return data
+
+
+#: Terminal escape sequences (torch's messages bold some words): CSI sequences and 2-byte escapes.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+#: The refused global in torch's weights_only messages: "GLOBAL posix.system whose module ...",
+#: "Unsupported global: GLOBAL pkg.Cls was not an allowed global", older "Unsupported class pkg.Cls".
+_REFUSED_GLOBAL = re.compile(r"(?:\bGLOBAL|Unsupported class)\s+([A-Za-z_][\w.]*\w)")
+
+
+def _load_error_line(fpath: str, e: Exception) -> str:
+    """One plain line for a failed torch.load: the refused global when the weights-only unpickler
+    names one (torch's own text is many lines, with bold escapes and advice to drop weights_only),
+    else the unpickler's reason (or the error's first line) without escapes, shortened at a word."""
+    text = _ANSI.sub("", str(e))
+    m = _REFUSED_GLOBAL.search(text) if isinstance(e, pickle.UnpicklingError) else None
+    if m:
+        return (f"{fpath}: refused to unpickle global '{m.group(1)}' (weights_only=True loads tensors only; "
+                f"if you trust the file, re-save it as a plain dict of tensors or as safetensors)")
+    lines = [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()] or [type(e).__name__]
+    detail = lines[0]
+    # torch's first line is generic advice; the unpickler's own reason follows this tag
+    tagged = [i for i, ln in enumerate(lines) if "WeightsUnpickler error:" in ln]
+    if tagged:
+        rest = lines[tagged[0]].split("WeightsUnpickler error:", 1)[1].strip()
+        detail = rest or (lines[tagged[0] + 1] if tagged[0] + 1 < len(lines) else detail)
+    if len(detail) > 300:
+        detail = detail[:300].rsplit(" ", 1)[0] + " ..."
+    return f"{fpath}: cannot load PyTorch weights ({detail})"
 
 
 class SourceCheckpoint:
@@ -154,8 +184,7 @@ class SourceCheckpoint:
                 log.warning("%s: legacy (non-zip) format cannot be memory-mapped; loading it whole", fpath)
                 sd = torch.load(fpath, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling/zip failure is a corrupt file
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{fpath}: cannot load PyTorch weights ({msg[:200]})") from None
+            raise CheckpointError(_load_error_line(fpath, e)) from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
