@@ -36,14 +36,15 @@ def test_no_family_branch_outside_arch():
 
 
 def test_every_table_role_and_axis_rule_exists():
-    builder_rules = {"stream", "stream_in", "stream_circ", "stream_zero", "q_heads", "kv_heads", "ffn", "keep"}
+    builder_rules = {"stream", "stream_in", "stream_circ", "stream_zero", "q_heads", "kv_heads", "ffn", "keep",
+                     "expert_ffn", "shared_ffn", "heads_qkv", "experts"}
     for arch in ARCHITECTURES:
         entries = [*arch.embeddings, *arch.layer, *arch.final, *(e for lo in arch.layouts for e in lo.head)]
         for entry in entries:
             assert entry[1] in ROLES, (arch.family, entry)
     for name, role in ROLES.items():
         for rule in (role.rows, role.cols):
-            for r in (rule if isinstance(rule, tuple) else (rule,)):
+            for r in (rule if isinstance(rule, tuple) else (rule,)):  # "experts" prefixes a repeat
                 assert r in builder_rules, (name, r)
 
 

@@ -3,8 +3,9 @@ role are, as data. The engine reads these; nothing outside ``lemon_ext/arch`` kn
 
 Size symbols (usable in role shapes, table shapes and expressions; see ``evaluate``):
     hidden, ffn, heads, kv_heads, head_dim, layers, attn (= heads * head_dim),
-    kv_attn (= kv_heads * head_dim), plus every config field (after the table's ``defaults``) and
-    ``num_labels`` (len(id2label), as transformers defines it).
+    kv_attn (= kv_heads * head_dim), experts, expert_ffn, shared_ffn (MoE), plus every config
+    field (after the table's ``defaults``) and ``num_labels`` (len(id2label), as transformers
+    defines it).
 
 Axis rules (``Role.rows`` / ``Role.cols``; a tuple concatenates segments, each with its own
 source offset: fused [q|k|v] or [gate|up] tensors):
@@ -15,7 +16,16 @@ source offset: fused [q|k|v] or [gate|up] tensors):
     q_heads      whole query heads replicated circularly (head_dim fixed)
     kv_heads     whole key/value heads replicated circularly
     ffn          FFN neurons replicated circularly
+    expert_ffn   one MoE expert's neurons replicated circularly (each expert its own groups)
+    shared_ffn   the shared expert's neurons (Qwen2-MoE)
+    heads_qkv    per-head interleaved [q k v] blocks (GPT-NeoX query_key_value): whole heads of
+                 3 * head_dim replicated circularly
     keep         the axis does not grow (vocabulary, positions, labels, channels, experts)
+A tuple starting with "experts" repeats the rest once per expert (fused (E, R, C) tensors viewed
+with ``view="stacked"``), each repetition offset by the expert's source rows.
+
+Name templates: ``{i}`` is the layer index, ``{e}`` the expert index (the entry is repeated for
+each of the source's experts).
 """
 from __future__ import annotations
 
@@ -33,12 +43,18 @@ class Role:
 
     view: "rows" (shape[0] rows, the rest flattened into columns: weights (out, in), convs),
         "cols" (the last axis is the hidden axis: embeddings (N, D), (1, P, D)), "vector" (1-D:
-        one row, the vector's axis is ``cols``), "auto" ("vector" for 1-D tensors, else "rows").
+        one row, the vector's axis is ``cols``), "stacked" ((E, R, C) expert stacks viewed as
+        (E * R, C)), "auto" ("vector" for 1-D tensors, else "rows").
     shape: the source shape in size symbols (None: from the family table's ``shapes`` or the
         checkpoint, for embeddings and heads whose vocabulary / geometry is not a size).
     split: the columns are a fan-in of replicated units: split (LEMON / projection / equal).
     writes_stream: a branch output (attention out, FFN down): exactly zero in new layers.
     gain / shift: a norm's gain (scaled by eta, and by 1/k before a tied head) / bias (1/k there).
+    qk_norm_input: q or k projection feeding a q/k norm: rows scaled by eta when eta != 1 (the
+        config's one eps becomes eta^2 eps, LEMON_SPEC section 10).
+    integer_heads: exact only when every head is replicated the same number of times (q/k norms
+        over the whole projection, OLMo 2): other head counts are refused.
+    embed_scaled: an embedding the model multiplies by the family's ``embed_scale`` (Gemma).
     stored_transposed: stored (in, out) when the family has ``conv1d`` (GPT-2's Conv1D).
     rule / what: the plan's rule column; ``what`` describes the rows (formatted with the sizes).
     """
@@ -52,6 +68,9 @@ class Role:
     gain: bool = False
     shift: bool = False
     stored_transposed: bool = False
+    qk_norm_input: bool = False
+    integer_heads: bool = False
+    embed_scaled: bool = False
     rule: str = ""
     what: str = ""
 
@@ -110,35 +129,54 @@ class Architecture:
     derived: dict[str, str] = field(default_factory=dict)
     #: older spellings transformers renames on load, in order: (regex on the old name, new text)
     renames: tuple[tuple[str, str], ...] = ()
+    #: config lists of layer indices (Qwen3-MoE ``mlp_only_layers``): remapped to target indices
+    layer_index_lists: tuple[str, ...] = ()
+    #: q/k norms in attention ("head_dim": per head, Qwen3 / Gemma 3; "projection": over the whole
+    #: projection, OLMo 2); with eta != 1 the q/k rows are scaled by eta (see Role.qk_norm_input)
+    qk_norm: str | None = None
+    #: norms compute x * (offset + w) (Gemma: 1): a gain factor f gives w' = f (offset + w) - offset
+    norm_offset: float = 0.0
+    #: the embedding output is multiplied by this (Gemma: "hidden ** 0.5", computed in the
+    #: activation dtype, the config's dtype field): expressions in size symbols
+    embed_scale: str | None = None
 
 
 # -- conditions and expressions -------------------------------------------------------------------
 
-def condition_holds(when: str | None, cfg: dict, layout: Layout) -> bool:
-    """Evaluate a presence condition: alternatives joined by ``|``, each ``field`` (truthy),
-    ``field=value`` (config value equals, as a string), ``layout=name`` or ``never``."""
+def condition_holds(when: str | None, cfg: dict, layout: Layout, layer: int | None = None) -> bool:
+    """Evaluate a presence condition: alternatives joined by ``|``, each a conjunction joined by
+    ``&`` of atoms, each optionally negated by ``!``: ``field`` (truthy), ``field=value`` (config
+    value equals, as a string), ``layout=name``, ``never``, and for layer tensors
+    ``layer_in:field`` (the layer index is in that config list) and ``layer_step:field``
+    ((index + 1) % value == 0, a missing or null field counting as 1)."""
     if when is None:
         return True
-    for alt in when.split("|"):
-        alt = alt.strip()
-        if alt == "never":
-            continue
-        if "=" in alt:
-            key, value = alt.split("=", 1)
-            actual = layout.name if key == "layout" else cfg.get(key)
-            if str(actual) == value:
-                return True
-        elif cfg.get(alt):
-            return True
-    return False
+
+    def atom(text: str) -> bool:
+        if text.startswith("!"):
+            return not atom(text[1:])
+        if text == "never":
+            return False
+        if text.startswith("layer_in:"):
+            return layer is not None and layer in (cfg.get(text[9:]) or ())
+        if text.startswith("layer_step:"):
+            step = int(cfg.get(text[11:]) or 1)
+            return layer is not None and (layer + 1) % step == 0
+        if "=" in text:
+            key, value = text.split("=", 1)
+            return str(layout.name if key == "layout" else cfg.get(key)) == value
+        return bool(cfg.get(text))
+
+    return any(all(atom(a.strip()) for a in alt.split("&")) for alt in when.split("|"))
 
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow}
 
 
-def evaluate(expr: str | int, names: dict) -> int:
-    """An integer expression in size symbols and config fields (``+ - * // **``, parentheses).
+def evaluate(expr: str | int, names: dict):
+    """An expression in size symbols and config fields (``+ - * / // **``, parentheses): an int
+    for integer operands (shapes), a float where a float constant or ``/`` enters (scales).
 
     Raises LemonError naming the config field when a symbol is missing.
     """
@@ -148,13 +186,13 @@ def evaluate(expr: str | int, names: dict) -> int:
     def walk(node):
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
             return node.value
         if isinstance(node, ast.Name):
             value = names.get(node.id)
             if value is None:
                 raise LemonError(f"config field {node.id!r} is missing")
-            return int(value)
+            return value if isinstance(value, float) else int(value)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             return _BINARY[type(node.op)](walk(node.left), walk(node.right))
         raise LemonError(f"internal: unsupported table expression {expr!r}")

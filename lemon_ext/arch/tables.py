@@ -10,6 +10,7 @@ from __future__ import annotations
 from .families.bert import BERT
 from .families.gpt2 import GPT2
 from .families.llama import LLAMA
+from .families.qwen3 import QWEN3
 from .families.vit import VIT
 
-ARCHITECTURES = (LLAMA, GPT2, BERT, VIT)
+ARCHITECTURES = (LLAMA, GPT2, BERT, VIT, QWEN3)

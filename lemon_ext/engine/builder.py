@@ -17,10 +17,15 @@ from .spec import TensorSpec
 class SpecBuilder:
     """Builds the TensorSpec of each tensor of one plan."""
 
-    def __init__(self, arch: Architecture, src: Sizes, tgt: Sizes, mode: str, noise_std: float, tied_factor: float):
+    def __init__(self, arch: Architecture, src: Sizes, tgt: Sizes, mode: str, noise_std: float, tied_factor: float,
+                 embed_factor: float = 1.0):
+        """tied_factor: the gain factor of the norms feeding a tied head (1/k, and 1/embed_factor
+        where the embedding is scaled); embed_factor: scale of embeddings the model multiplies by
+        its embed_scale (factor_S / factor_T)."""
         self.arch, self.src, self.tgt = arch, src, tgt
         self.mode, self.noise_std = mode, noise_std
         self.tied_factor = tied_factor
+        self.embed_factor = embed_factor
         self.eta = axes.eta(src.hidden, tgt.hidden)
         self.k = tgt.hidden // src.hidden
 
@@ -28,13 +33,19 @@ class SpecBuilder:
     def _source_length(self, rule: str) -> int:
         s = self.src
         lengths = {"stream": s.hidden, "stream_in": s.hidden, "stream_circ": s.hidden, "stream_zero": s.hidden,
-                   "q_heads": s.attn, "kv_heads": s.kv_attn, "ffn": s.ffn}
+                   "q_heads": s.attn, "kv_heads": s.kv_attn, "ffn": s.ffn, "expert_ffn": s.expert_ffn,
+                   "shared_ffn": s.shared_ffn, "heads_qkv": 3 * s.attn}
         if rule not in lengths:
             raise LemonError(f"internal: axis rule {rule!r} cannot be a segment of a fused tensor")
         return lengths[rule]
 
     def axis(self, rule, source_length: int) -> torch.Tensor:
         """The target -> source index map of one axis (a tuple: fused segments, offsets added)."""
+        if isinstance(rule, tuple) and rule[0] == "experts":
+            inner = rule[1:] if len(rule) > 2 else rule[1]
+            per_expert = source_length // max(self.src.experts, 1)
+            m = self.axis(inner, per_expert)
+            return torch.cat([torch.where(m >= 0, m + e * per_expert, m) for e in range(self.src.experts)])
         if isinstance(rule, tuple):
             parts, offset = [], 0
             for segment in rule:
@@ -55,6 +66,9 @@ class SpecBuilder:
             "q_heads": lambda: axes.heads(s.heads, t.heads, s.head_dim),
             "kv_heads": lambda: axes.heads(s.kv_heads, t.kv_heads, s.head_dim),
             "ffn": lambda: axes.circular(s.ffn, t.ffn),
+            "expert_ffn": lambda: axes.circular(s.expert_ffn, t.expert_ffn),
+            "shared_ffn": lambda: axes.circular(s.shared_ffn, t.shared_ffn),
+            "heads_qkv": lambda: axes.heads(s.heads, t.heads, 3 * s.head_dim),
         }
         if rule not in maps:
             raise LemonError(f"internal: unknown axis rule {rule!r}")
@@ -77,8 +91,15 @@ class SpecBuilder:
         s, t = self.src, self.tgt
         transpose = self.transposed(role_name)
         view = role.view if role.view != "auto" else ("vector" if len(source_shape) == 1 else "rows")
+        if role.integer_heads and (t.heads % s.heads or t.kv_heads % s.kv_heads):
+            raise LemonError(
+                f"tensor {name!r}: a q/k norm over the whole projection is exact only when every head is "
+                f"replicated the same number of times (heads {s.heads}->{t.heads}, key/value heads "
+                f"{s.kv_heads}->{t.kv_heads}); use integer multiples of the source's head counts")
         if view == "vector":
             n_rows, n_cols = 1, math.prod(source_shape)
+        elif view == "stacked":
+            n_rows, n_cols = source_shape[0] * source_shape[1], source_shape[2]
         elif view == "cols":
             n_rows, n_cols = math.prod(source_shape[:-1]), source_shape[-1]
         else:
@@ -93,13 +114,21 @@ class SpecBuilder:
             split = ("cancel_equal" if self.mode == "equal" else "cancel") if zero_output else self.mode
         extra = self.tied_factor if final_norm else 1.0
         factor = (self.eta if role.gain else 1.0) * (extra if role.gain or role.shift else 1.0)
+        if role.embed_scaled:
+            factor *= self.embed_factor
+        row_scale = self.eta if role.qk_norm_input and self.arch.qk_norm and self.eta != 1.0 else 1.0
+        if view == "vector":
+            factor, row_scale = factor * row_scale, 1.0
         col_factor = torch.full((cols.numel(),), factor, dtype=torch.float64) if factor != 1.0 else None
+        row_factor = torch.full((rows.numel(),), row_scale, dtype=torch.float64) if row_scale != 1.0 else None
+        offset = self.arch.norm_offset if role.gain and factor != 1.0 else 0.0
         k_desc = f"k={self.k}" + (f", r={t.hidden % s.hidden}" if t.hidden % s.hidden else "")
         rule = role.rule.format(
             k=k_desc, tail=", tail random" if t.hidden % s.hidden else "", split=split,
             stream_type="V_avg" if self.arch.norm == "layernorm" else "V_zero", eta=f"{self.eta:.6g}",
             tied=f", x1/{self.k} (tied head)" if extra != 1.0 else "",
-            what=role.what.format(hs=s.heads, ht=t.heads, kvs=s.kv_heads, kvt=t.kv_heads, fs=s.ffn, ft=t.ffn),
+            what=role.what.format(hs=s.heads, ht=t.heads, kvs=s.kv_heads, kvt=t.kv_heads, fs=s.ffn, ft=t.ffn,
+                                  efs=s.expert_ffn, eft=t.expert_ffn),
         )
         if zero_output and view == "vector":
             cols, rule = torch.full((cols.numel(),), ZERO, dtype=torch.int64), "zero (new layer output bias)"
@@ -108,14 +137,16 @@ class SpecBuilder:
         return TensorSpec(
             name=name, source=source, source_shape=tuple(source_shape), target_shape=target_shape,
             role=role_name, rule=rule, row_map=rows, col_map=cols, view=view, transpose=transpose,
-            row_factor=None, col_factor=col_factor, split=split, noise_std=noise,
-            key_name=key_name or name, fill=fill,
+            row_factor=row_factor, col_factor=col_factor, split=split, noise_std=noise,
+            key_name=key_name or name, fill=fill, offset=offset,
         )
 
 
 def _target_shape(source_shape, view, transpose, num_rows, num_cols) -> tuple[int, ...]:
     if view == "vector":
         return (num_cols,)
+    if view == "stacked":
+        return (source_shape[0], num_rows // source_shape[0], num_cols)
     if view == "cols":
         return tuple(source_shape[:-1]) + (num_cols,)
     if transpose:

@@ -47,6 +47,9 @@ def rewrite_config(cfg_s, cfg: dict, arch: Architecture, src: Sizes, tgt: Sizes,
                      and tgt.ffn == evaluate(arch.ffn_default, {**cfg, "hidden": tgt.hidden}))
     if not keeps_default:  # GPT-2's n_inner stays null when 4 * n_embd still holds
         out[ffn_field] = tgt.ffn
+    for generic, width in (("expert_ffn", tgt.expert_ffn), ("shared_ffn", tgt.shared_ffn)):
+        if f.get(generic) and f[generic] != ffn_field:
+            out[f[generic]] = width
     eps_field = f["eps"]
     if eps_field in out and eta != 1.0:
         out[eps_field] = float(cfg[eps_field]) * eta * eta
@@ -58,6 +61,10 @@ def rewrite_config(cfg_s, cfg: dict, arch: Architecture, src: Sizes, tgt: Sizes,
             # Qwen2's max_window_layers: layers below it differ from those above; keep each
             # layer's own kind by counting the target layers whose source is below it.
             out[count_field] = sum(1 for s in order if s < cfg[count_field])
+    for index_field in arch.layer_index_lists:
+        if cfg.get(index_field):
+            # Qwen3-MoE's mlp_only_layers: a target layer is listed when its source layer is.
+            out[index_field] = [t for t, s in enumerate(order) if s in set(cfg[index_field])]
     for follower in arch.hidden_followers:
         if cfg.get(follower) == src.hidden:
             out[follower] = tgt.hidden

@@ -5,6 +5,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from ..arch import ROLES, Architecture, Layout, SourceSpelling, condition_holds, evaluate, find_architecture
 from ..errors import LemonError
 from . import axes
@@ -171,12 +173,42 @@ def _entries(entries):
         yield _bare(template), role, template.endswith("?"), entry[2] if len(entry) > 2 else None
 
 
+def _per_expert(entries, experts: int):
+    """Layer entries with ``{e}`` repeated for each expert: (template, role, optional, when, e)."""
+    for template, role, optional, when in entries:
+        for e in (range(experts) if "{e}" in template else (None,)):
+            yield template, role, optional, when, e
+
+
+def _embed_factor(arch: Architecture, cfg: dict, src: Sizes, tgt: Sizes, notes: list) -> float:
+    """factor_S / factor_T for families that multiply embeddings by a size-dependent scale
+    (Gemma: sqrt(hidden)), each factor rounded to the activation dtype as transformers does
+    (``torch.tensor(factor, dtype=...)``; the config's dtype field, float32 if absent)."""
+    if arch.embed_scale is None:
+        return 1.0
+    dtype_name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+    dtype = getattr(torch, dtype_name, torch.float32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.float32
+
+    def factor(sizes: Sizes) -> float:
+        value = evaluate(arch.embed_scale, {**cfg, "hidden": sizes.hidden})
+        return float(torch.tensor(float(value), dtype=dtype))
+
+    f_s, f_t = factor(src), factor(tgt)
+    if f_s != f_t:
+        notes.append(f"embedding scale {arch.embed_scale} in {dtype_name}: {f_s:g} -> {f_t:g}; embeddings scaled by "
+                     f"{f_s / f_t:.6g} (one rounding in low precision)")
+    return f_s / f_t
+
+
 def _names(arch: Architecture, cfg: dict, src: Sizes) -> dict:
     """Symbols for table expressions: config fields (with the table's defaults) and sizes."""
     labels = cfg.get("id2label")
     return {**cfg, "num_labels": len(labels) if labels else cfg.get("num_labels", 2),
             "hidden": src.hidden, "ffn": src.ffn, "heads": src.heads, "kv_heads": src.kv_heads,
-            "head_dim": src.head_dim, "layers": src.layers, "attn": src.attn, "kv_attn": src.kv_attn}
+            "head_dim": src.head_dim, "layers": src.layers, "attn": src.attn, "kv_attn": src.kv_attn,
+            "experts": src.experts, "expert_ffn": src.expert_ffn, "shared_ffn": src.shared_ffn}
 
 
 def _source_shape(arch: Architecture, builder: SpecBuilder, names: dict, template: str, role: str,
@@ -211,6 +243,8 @@ def plan_expansion(
     num_attention_heads: int | None = None,
     num_key_value_heads: int | None = None,
     num_hidden_layers: int | None = None,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int | None = None,
     seed: int = 0,
     symmetry_breaking: str = "lemon",
     depth_placement: str | Sequence[int] = "interleave",
@@ -225,6 +259,8 @@ def plan_expansion(
         cfg_s: transformers config or config.json dict of the source model.
         hidden_size ... num_hidden_layers: target sizes (generic Hugging Face names); None keeps
             the source's, and num_attention_heads defaults to keeping head_dim.
+        moe_intermediate_size / shared_expert_intermediate_size: MoE expert widths (the config's
+            own field names; Mixtral's experts follow intermediate_size). The expert count stays.
         symmetry_breaking: "lemon" (unequal splits exact in the storage dtype), "projection"
             (projected random init, exact in fp32 and wider) or "equal" (Net2Net/bert2BERT-FPI).
         depth_placement: "interleave", "stack" or a list of source layer indices.
@@ -259,27 +295,35 @@ def plan_expansion(
     tgt = target_sizes(
         arch, src, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-        num_hidden_layers=len(order),
+        num_hidden_layers=len(order), moe_intermediate_size=moe_intermediate_size,
+        shared_expert_intermediate_size=shared_expert_intermediate_size,
     )
     notes = _check_rules(arch, cfg, src, tgt, allow_lossy)
     tied = bool(cfg.get(arch.tie_field, False)) and bool(layout.tied)
     k = tgt.hidden // src.hidden
-    tied_factor = 1.0 / k if tied else 1.0
+    embed_factor = _embed_factor(arch, cfg, src, tgt, notes)
+    tied_factor = 1.0 / (k * embed_factor) if tied else 1.0
     if tied and k & (k - 1):
         notes.append(f"tied head: final norm scaled by 1/{k}, not a power of two: one rounding in low precision")
     if tgt.hidden % src.hidden:
         notes.append(f"indivisible width: norm gains scaled by eta={axes.eta(src.hidden, tgt.hidden):.6g} (one rounding in low precision)")
     noise_std = float(cfg.get("initializer_range", 0.02)) if symmetry_breaking != "equal" else 0.0
-    builder = SpecBuilder(arch, src, tgt, symmetry_breaking, noise_std, tied_factor)
+    if arch.norm_offset and (tied_factor != 1.0 or tgt.hidden % src.hidden):
+        notes.append(f"norms compute x * ({arch.norm_offset:g} + w): scaled gains are stored as w' = f ({arch.norm_offset:g} + w) "
+                     f"- {arch.norm_offset:g} (one rounding in low precision)")
+    if src.experts:
+        notes.append("MoE: router logits are kept (fan-in split); in low precision a near-tie between experts "
+                     "can pick a different top-k expert")
+    builder = SpecBuilder(arch, src, tgt, symmetry_breaking, noise_std, tied_factor, embed_factor)
     symbols = _names(arch, cfg, src)
     layers = target_layers(order, arch.post_ln)
 
-    def present(full_name: str, optional: bool, when: str | None) -> bool:
+    def present(full_name: str, optional: bool, when: str | None, layer: int | None = None) -> bool:
         if not optional:
             return True
         if names is not None:
             return full_name in names
-        return condition_holds(when, cfg, layout)
+        return condition_holds(when, cfg, layout, layer)
 
     def shape_of(name: str, template: str, role: str) -> tuple[int, ...]:
         given = tuple(shapes[name]) if name in shapes else None
@@ -298,10 +342,10 @@ def plan_expansion(
 
     add_static(arch.embeddings)
     for layer in layers:
-        for template, role, optional, when in _entries(arch.layer):
-            src_name = prefix + template.format(i=layer.source)
-            tgt_name = prefix + template.format(i=layer.index)
-            if not present(src_name, optional, when):
+        for template, role, optional, when, e in _per_expert(_entries(arch.layer), src.experts):
+            src_name = prefix + template.format(i=layer.source, e=e)
+            tgt_name = prefix + template.format(i=layer.index, e=e)
+            if not present(src_name, optional, when, layer.source):
                 continue
             shape = shape_of(src_name, template, role)
             position = arch.post_ln_positions.get(template)

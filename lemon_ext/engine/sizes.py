@@ -15,6 +15,9 @@ class Sizes:
     kv_heads: int
     head_dim: int
     layers: int
+    experts: int = 0  # MoE: routed experts per layer (the count never changes)
+    expert_ffn: int = 0  # MoE: one routed expert's FFN width
+    shared_ffn: int = 0  # MoE: the shared expert's FFN width (Qwen2-MoE)
 
     @property
     def attn(self) -> int:
@@ -51,7 +54,8 @@ def source_sizes(arch: Architecture, cfg: dict) -> Sizes:
     layers = int(_field(cfg, arch, "num_hidden_layers"))
     if heads % kv:
         raise LemonError(f"config: {heads} attention heads are not a multiple of {kv} key/value heads")
-    return Sizes(hidden, ffn, heads, kv, int(head_dim), layers)
+    moe = [int(_field(cfg, arch, g, required=False) or 0) for g in ("num_experts", "expert_ffn", "shared_ffn")]
+    return Sizes(hidden, ffn, heads, kv, int(head_dim), layers, *moe)
 
 
 def _not_smaller(name: str, source: int, target: int) -> None:
@@ -68,6 +72,8 @@ def target_sizes(
     num_attention_heads: int | None,
     num_key_value_heads: int | None,
     num_hidden_layers: int,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int | None = None,
 ) -> Sizes:
     """Target sizes: given values checked, missing ones kept (heads: head_dim kept)."""
     hidden = src.hidden if hidden_size is None else int(hidden_size)
@@ -111,8 +117,27 @@ def target_sizes(
     _not_smaller("num_key_value_heads", src.kv_heads, kv)
     if arch.fields.get("num_key_value_heads") is None and kv != heads:
         raise LemonError(f"model family {arch.family!r} has no grouped-query attention (num_key_value_heads={kv})")
-    target = Sizes(hidden, ffn, heads, kv, src.head_dim, num_hidden_layers)
+    expert_ffn = _moe_width(arch, "expert_ffn", src.expert_ffn, moe_intermediate_size, "moe_intermediate_size", ffn)
+    shared_ffn = _moe_width(arch, "shared_ffn", src.shared_ffn, shared_expert_intermediate_size,
+                            "shared_expert_intermediate_size", ffn)
+    target = Sizes(hidden, ffn, heads, kv, src.head_dim, num_hidden_layers, src.experts, expert_ffn, shared_ffn)
     check_gqa(src, target)
+    return target
+
+
+def _moe_width(arch: Architecture, generic: str, source: int, given: int | None, keyword: str, ffn: int) -> int:
+    """An expert FFN width: the keyword if given; else the dense FFN's target when the family
+    keeps both in one config field (Mixtral's intermediate_size); else the source's."""
+    field = arch.fields.get(generic)
+    if given is not None:
+        if field is None:
+            raise LemonError(f"{keyword}={given}: model family {arch.family!r} has no such size")
+        target = int(given)
+    elif field is not None and field == arch.fields.get("intermediate_size"):
+        target = ffn
+    else:
+        target = source
+    _not_smaller(keyword, source, target)
     return target
 
 

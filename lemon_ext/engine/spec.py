@@ -41,6 +41,7 @@ class TensorSpec:
     noise_std: float = 0.0
     key_name: str = ""  # noise key; tied tensors share their partner's
     fill: float | None = None
+    offset: float = 0.0  # norms computing x * (offset + w): the factors apply to offset + w
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -55,6 +56,8 @@ class TensorSpec:
         shape = self.source_shape
         if self.view == "vector":
             return (1, math.prod(shape))
+        if self.view == "stacked":
+            return (shape[0] * shape[1], math.prod(shape[2:]))
         if self.view == "cols":
             return (math.prod(shape[:-1]), shape[-1])
         return (shape[0], math.prod(shape[1:]))
@@ -96,13 +99,21 @@ class TensorSpec:
         view = source.reshape(self.source_view_shape())
         if self.transpose:
             view = view.t()
+        out_dtype = dtype or source.dtype
+        if self.offset:
+            # (offset + w) scaled, then the offset taken off: in fp32 (fp64 for fp64), one rounding
+            # into the output dtype (a gain g = eta (1 + w) of a Gemma norm).
+            wide = torch.float64 if torch.float64 in (view.dtype, out_dtype) else torch.float32
+            view = view.to(wide) + self.offset
         out = ops.expand(
             view, self.row_map, self.col_map,
             row_factor=self.row_factor, col_factor=self.col_factor,
             split=self.split if split is None else split,
             noise_std=self.noise_std, seed=seed, key=self.key,
-            out_dtype=dtype or source.dtype, backend=backend,
+            out_dtype=view.dtype if self.offset else out_dtype, backend=backend,
         )
+        if self.offset:
+            out = (out - self.offset).to(out_dtype)
         if self.transpose:
             out = out.t()
         return out.reshape(self.target_shape).contiguous()
