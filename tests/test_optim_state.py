@@ -73,14 +73,17 @@ def test_moments_follow_hand_derived_maps(grown):
     m = T(name)["exp_avg"]
     torch.testing.assert_close(m[:D_S] + m[D_S:], S(name)["exp_avg"][:, n], rtol=1e-5, atol=1e-9)
 
-    # new layer 1's MLP down projection (copy of layer 0 with zero output): +e / -e pairs on the
-    # neuron axis, so the moments cancel the same way (the new block's update starts zero-sum too)
+    # new layer 1's MLP down projection (copy of layer 0 with zero output): its neurons come in
+    # adjacent identical pairs (2p, 2p+1 read source neuron 2p mod 64) with +e / -e down rows, so
+    # the moments cancel the same way (the new block's update starts zero-sum too)
     name_t, name_s = "transformer.h.1.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.weight"
     m = T(name_t)["exp_avg"]
-    torch.testing.assert_close(W_t[name_t][:64] + W_t[name_t][64:], torch.zeros(64, 2 * D_S), atol=1e-7, rtol=0)
-    torch.testing.assert_close(m[:64] + m[64:], torch.zeros(64, 2 * D_S), atol=1e-9, rtol=0)
-    alpha = W_t[name_t] / W_s[name_s][n][:, j]
-    torch.testing.assert_close(m, alpha * S(name_s)["exp_avg"][n][:, j], rtol=1e-5, atol=1e-9)
+    pairs = (torch.arange(128) // 2 * 2) % 64
+    torch.testing.assert_close(W_t[name_t][0::2] + W_t[name_t][1::2], torch.zeros(64, 2 * D_S), atol=1e-7, rtol=0)
+    torch.testing.assert_close(m[0::2] + m[1::2], torch.zeros(64, 2 * D_S), atol=1e-9, rtol=0)
+    assert (W_t[name_t].abs().sum(dim=1) > 0).all()  # every new neuron has a non-zero fan-out
+    alpha = W_t[name_t] / W_s[name_s][pairs][:, j]
+    torch.testing.assert_close(m, alpha * S(name_s)["exp_avg"][pairs][:, j], rtol=1e-5, atol=1e-9)
 
     # step counts kept
     for p_t, st in opt_t.state.items():

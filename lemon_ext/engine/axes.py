@@ -50,6 +50,14 @@ def heads(num_s: int, num_t: int, head_dim: int) -> torch.Tensor:
     return (head.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
+def paired_units(num_s: int, num_t: int, unit: int) -> torch.Tensor:
+    """New layers' units (heads of ``unit`` entries, neurons of 1): target units 2p and 2p+1 both
+    read source unit 2p mod num_s, so every unit has an identical partner (whatever num_t), and
+    more pairs reuse the source units circularly."""
+    source_unit = (torch.arange(num_t, dtype=torch.int64) // 2 * 2) % num_s
+    return (source_unit.unsqueeze(1) * unit + torch.arange(unit)).reshape(-1)
+
+
 def eta(n_s: int, n_t: int) -> float:
     """sqrt(k * n_s / n_t): the norm-gain factor for indivisible widths (1 when n_s | n_t)."""
     return math.sqrt((n_t // n_s) * n_s / n_t)

@@ -39,17 +39,25 @@ class SpecBuilder:
             raise LemonError(f"internal: axis rule {rule!r} cannot be a segment of a fused tensor")
         return lengths[rule]
 
-    def axis(self, rule, source_length: int) -> torch.Tensor:
-        """The target -> source index map of one axis (a tuple: fused segments, offsets added)."""
+    def axis(self, rule, source_length: int, paired: bool = False) -> torch.Tensor:
+        """The target -> source index map of one axis (a tuple: fused segments, offsets added).
+
+        paired: the axis of a new (zero-output) layer: replicated units (heads, neurons) come in
+        adjacent identical pairs whatever the width, so the cancelling split of the layer's output
+        columns (+e, -e) is non-zero on every unit and every weight of the new layer gets a
+        gradient on the first step (with one replica per unit the output columns would be zero and
+        the layer's units dead until the output weights move). An odd unit count leaves one unit
+        unpaired.
+        """
         if isinstance(rule, tuple) and rule[0] == "experts":
             inner = rule[1:] if len(rule) > 2 else rule[1]
             per_expert = source_length // max(self.src.experts, 1)
-            m = self.axis(inner, per_expert)
+            m = self.axis(inner, per_expert, paired)
             return torch.cat([torch.where(m >= 0, m + e * per_expert, m) for e in range(self.src.experts)])
         if isinstance(rule, tuple):
             parts, offset = [], 0
             for segment in rule:
-                m = self.axis(segment, self._source_length(segment))
+                m = self.axis(segment, self._source_length(segment), paired)
                 parts.append(torch.where(m >= 0, m + offset, m))  # sentinels stay sentinels
                 offset += self._source_length(segment)
             if offset != source_length:
@@ -58,6 +66,11 @@ class SpecBuilder:
         s, t = self.src, self.tgt
         if rule == "keep":
             return axes.keep(source_length)
+        units = {"q_heads": (s.heads, t.heads, s.head_dim), "kv_heads": (s.kv_heads, t.kv_heads, s.head_dim),
+                 "heads_qkv": (s.heads, t.heads, 3 * s.head_dim), "ffn": (s.ffn, t.ffn, 1),
+                 "expert_ffn": (s.expert_ffn, t.expert_ffn, 1), "shared_ffn": (s.shared_ffn, t.shared_ffn, 1)}
+        if paired and rule in units:
+            return axes.paired_units(*units[rule])
         maps = {
             "stream": lambda: axes.stream(s.hidden, t.hidden, self.arch.norm),
             "stream_in": lambda: axes.stream_input(s.hidden, t.hidden),
@@ -106,8 +119,8 @@ class SpecBuilder:
             n_rows, n_cols = source_shape[0], math.prod(source_shape[1:])
             if transpose:
                 n_rows, n_cols = n_cols, n_rows
-        rows = axes.keep(1) if view == "vector" else self.axis(role.rows, n_rows)
-        cols = self.axis(role.cols, n_cols)
+        rows = axes.keep(1) if view == "vector" else self.axis(role.rows, n_rows, new_output)
+        cols = self.axis(role.cols, n_cols, new_output)
         zero_output = new_output and role.writes_stream
         split = "none"
         if role.split:
