@@ -173,3 +173,16 @@ def test_unknown_tensor_is_still_refused_by_name():
     sd["h.0.attn.c_atn.weight"] = sd.pop("h.0.attn.c_attn.weight")
     with pytest.raises(lemon_ext.LemonError, match=r"'h\.0\.attn\.c_atn\.weight'"):
         lemon_ext.expand_state_dict(sd, model.config, hidden_size=64)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_sequence_classification(tie):
+    """The classifier layout (score.weight) is chosen by the checkpoint's names, also when the
+    config's tie flag is set (a tied LM head is absent and must not win)."""
+    import transformers as tf
+
+    _, cfg = H.llama_family("gqa", num_labels=3, pad_token_id=0, tie_word_embeddings=tie)
+    source = H.build(tf.LlamaForSequenceClassification, cfg)
+    target = lemon_ext.expand_model(source, hidden_size=64, num_hidden_layers=3).double().eval()
+    x = H.token_batch()
+    assert H.relative_error(source(x).logits, target(x).logits) < 1e-10

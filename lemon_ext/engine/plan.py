@@ -132,15 +132,20 @@ def _choose_layout(arch: Architecture, cfg: dict, names: set[str] | None) -> Lay
             f"the source tensors do not match any {arch.family} layout (expected one of "
             f"{[layout.prefix + _bare(arch.embeddings[0][0]) for layout in arch.layouts]})"
         )
-    candidates.sort(key=lambda layout: wanted not in layout.architectures)
-    first_missing = None
+    complete, first_missing = [], None
     for layout in candidates:
         tied = dict(layout.tied) if tie else {}
         missing = [entry[0] for entry in layout.head
                    if not entry[0].endswith("?") and entry[0] not in names and entry[0] not in tied]
         if not missing:
-            return _rerooted(arch, layout, wanted, tie)
-        first_missing = first_missing or (missing[0], layout)
+            complete.append(layout)
+        first_missing = first_missing or (missing[0] if missing else None, layout)
+    if complete:
+        # The config's class first, then the layout whose head explains most of the checkpoint
+        # (a tied LM head is absent, so a classifier head must not lose to it).
+        stored = lambda lo: sum(_bare(e[0]) in names for e in lo.head)  # noqa: E731
+        best = max(complete, key=lambda lo: (wanted in lo.architectures, stored(lo)))
+        return _rerooted(arch, best, wanted, tie)
     name, layout = first_missing
     raise LemonError(f"tensor {name!r} is missing from the source ({arch.family} {layout.name})")
 

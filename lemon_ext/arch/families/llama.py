@@ -39,7 +39,8 @@ LLAMA = Architecture(
     ),
     final=(("norm.weight", "norm_weight"),),
     defaults={"tie_word_embeddings": False},  # the Llama, Mistral and Qwen2 config classes agree
-    shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")},
+    shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden"),
+            "score.weight": ("num_labels", "hidden")},
     layer_thresholds=("max_window_layers",),  # Qwen2: layers >= max_window_layers use sliding windows
     derived={
         # RoPE frequencies: persistent buffers in transformers < 4.31 (Llama 2, Mistral 7B v0.1,
@@ -52,6 +53,9 @@ LLAMA = Architecture(
         Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
                tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
                architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")),
+        Layout("sequence_classification", "model.", head=(("score.weight", "head"),),
+               architectures=("LlamaForSequenceClassification", "MistralForSequenceClassification",
+                              "Qwen2ForSequenceClassification")),
         Layout("base", "", architectures=("LlamaModel", "MistralModel", "Qwen2Model")),
     ),
 )
