@@ -69,6 +69,49 @@ def test_vit_pre_v5_names_read_as_transformers_reads_them(tmp_path):
     assert spelling.renamed and not spelling.derived
 
 
+def _tiny_models():
+    """(id, builder) of every supported class: what transformers writes for each must read back."""
+    import transformers as tf
+
+    llama = lambda kind, cls=None, **kw: lambda: H.build(cls or H.llama_family(kind)[0], H.llama_family(kind, **kw)[1])  # noqa: E731
+    qwen3 = tf.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=38, vocab_size=H.VOCAB)
+    return {
+        "gpt2-lm": lambda: H.build(tf.GPT2LMHeadModel, H.gpt2_config()),
+        "gpt2-base": lambda: H.build(tf.GPT2Model, H.gpt2_config()),
+        "bert-base": lambda: H.build(tf.BertModel, H.bert_config()),
+        "bert-mlm": lambda: H.build(tf.BertForMaskedLM, H.bert_config()),
+        "bert-classifier": lambda: H.build(tf.BertForSequenceClassification, H.bert_config(num_labels=3)),
+        "vit-base": lambda: H.build(tf.ViTModel, H.vit_config()),
+        "vit-classifier": lambda: H.build(tf.ViTForImageClassification, H.vit_config()),
+        "llama": llama("gqa"), "mistral": llama("mistral"), "qwen2": llama("qwen2"),
+        "llama-classifier": llama("gqa", tf.LlamaForSequenceClassification, num_labels=3, pad_token_id=0),
+        "qwen3": lambda: H.build(tf.Qwen3ForCausalLM, qwen3),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_tiny_models()))
+def test_save_pretrained_names_read_back_to_the_model_names(case, tmp_path):
+    """transformers' save_pretrained applies its conversion mapping in reverse (older spellings
+    for ViT, etc.): our tables must read whatever it writes as the names its model holds, with
+    nothing derived and nothing unknown; and the plan covers every stored tensor."""
+    model = _tiny_models()[case]()
+    on_disk = _saved_names(model, tmp_path)
+    arch = find_architecture(model.config.to_dict())
+    spelling = SourceSpelling(arch, on_disk)
+    read_as = set(spelling.canonical.values())
+    assert read_as <= set(model.state_dict()), sorted(read_as - set(model.state_dict()))
+    not_saved = set(model.state_dict()) - read_as  # tied copies save_pretrained drops
+    assert not_saved <= {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}, not_saved
+    assert not spelling.derived
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    plan = lemon_ext.plan_expansion(model.config, source_shapes=shapes, hidden_size=64)
+    plan.check_source(shapes)
+
+
 def test_pre_v5_vit_expands_bitwise_like_v5_names_and_keeps_its_spelling(tmp_path):
     import transformers as tf
     from safetensors.torch import load_file
