@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=int)
     g.add_argument("--num-key-value-heads", type=int)
     g.add_argument("--num-hidden-layers", type=int)
+    g.add_argument("--moe-intermediate-size", type=int, help="MoE expert width (Qwen-MoE; Mixtral: --intermediate-size)")
+    g.add_argument("--shared-expert-intermediate-size", type=int, help="shared expert width (Qwen2-MoE)")
     o = p.add_argument_group("expansion")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--symmetry-breaking", default="lemon", choices=["lemon", "projection", "equal"])
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
     log = logging.getLogger("lemon_ext.checkpoint")
     sizes = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                  num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
-                 num_hidden_layers=args.num_hidden_layers)
+                 num_hidden_layers=args.num_hidden_layers, moe_intermediate_size=args.moe_intermediate_size,
+                 shared_expert_intermediate_size=args.shared_expert_intermediate_size)
     placement = args.depth_placement
     if placement not in ("interleave", "stack"):
         try:

@@ -29,6 +29,11 @@ ROLES: dict[str, Role] = {
     "norm_weight": Role("vector", cols="stream_circ", shape=("hidden",), gain=True,
                         rule="eta*V_circ(gamma), eta={eta}{tied}"),
     "norm_bias": Role("vector", cols="stream_zero", shape=("hidden",), shift=True, rule="V_zero(beta){tied}"),
+    # A norm of a branch output before the residual add (OLMo 2, Gemma sandwich norms): its input
+    # is the branch's stream-typed output, so the same gain rule; zero gain in new layers where
+    # the family's new_layer_zero is "branch_norms".
+    "branch_norm_weight": Role("vector", cols="stream_circ", shape=("hidden",), gain=True, branch_norm=True,
+                               rule="eta*V_circ(gamma), eta={eta} (norm of a branch output)"),
     # Attention.
     "q_weight": Role("rows", rows="q_heads", cols="stream_in", shape=("attn", "hidden"), split=True,
                      qk_norm_input=True, rule=_FAN_IN, what="query heads {hs}->{ht}"),

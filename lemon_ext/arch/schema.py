@@ -55,6 +55,9 @@ class Role:
     integer_heads: exact only when every head is replicated the same number of times (q/k norms
         over the whole projection, OLMo 2): other head counts are refused.
     embed_scaled: an embedding the model multiplies by the family's ``embed_scale`` (Gemma).
+    branch_norm: a norm applied to a branch output before the residual add (OLMo 2's and
+        Gemma's post-attention / post-feedforward norms); where the family's ``new_layer_zero`` is
+        "branch_norms", a new layer stores it with zero gain (w = -norm_offset).
     stored_transposed: stored (in, out) when the family has ``conv1d`` (GPT-2's Conv1D).
     rule / what: the plan's rule column; ``what`` describes the rows (formatted with the sizes).
     """
@@ -71,6 +74,7 @@ class Role:
     qk_norm_input: bool = False
     integer_heads: bool = False
     embed_scaled: bool = False
+    branch_norm: bool = False
     rule: str = ""
     what: str = ""
 
@@ -94,7 +98,10 @@ class Architecture:
     Tensor entries are ``(template, role)`` or ``(template, role, when)``: ``{i}`` is the layer
     index; a template ending in ``?`` is optional. With the checkpoint's names known, an optional
     tensor exists if the checkpoint has it; from a config alone, if ``when`` holds (see
-    ``condition_holds``; no ``when``: it exists).
+    ``condition_holds``; no ``when``: it exists). A required entry with a ``when`` exists exactly
+    where the condition holds, names known or not (then it must be in the checkpoint, and it is
+    refused as unexpected where the condition fails): per-layer kinds (Qwen-MoE's dense and sparse
+    layers) and alternative forms chosen by ``stored:`` (experts one tensor each or fused).
     """
 
     family: str
@@ -139,16 +146,43 @@ class Architecture:
     #: the embedding output is multiplied by this (Gemma: "hidden ** 0.5", computed in the
     #: activation dtype, the config's dtype field): expressions in size symbols
     embed_scale: str | None = None
+    #: how a new layer's output is made exactly zero: "writers" (its branch output projections
+    #: get cancelling +e/-e fan-out parts over paired units) or "branch_norms" (every branch ends
+    #: in a norm before the residual add, OLMo 2 / Gemma: those norms get zero gain, so the layer
+    #: adds exactly 0 in every dtype whatever its branch computes; the rest of the layer is a
+    #: plain width-expanded copy of its source layer). A norm of a near-zero cancelled output
+    #: would amplify its rounding by up to 1/sqrt(eps) (~1e3), and to O(1) once the rounding
+    #: exceeds sqrt(eps) (bf16 activations): zero gains avoid that.
+    new_layer_zero: str = "writers"
+    #: config keys a config class maps to another field (its ``attribute_map``; Qwen3-MoE's
+    #: config.json says num_experts, its ``to_dict()`` num_local_experts): {key: table's field},
+    #: read as the table's field when the config does not give that field itself
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: config fields that select every n-th layer ((index + 1) % n == 0; Qwen-MoE's
+    #: decoder_sparse_step) -> the index list naming the other layers (``mlp_only_layers``): once
+    #: the layer order changes, written as that explicit list with the step set to 1
+    layer_steps: dict[str, str] = field(default_factory=dict)
+    #: per-layer config lists the config class fills in by a rule when config.json omits them
+    #: (older Gemma uploads have no ``layer_types``): list field -> ((value, when), ...), layer i
+    #: taking the value of the first alternative whose condition holds for it (``condition_holds``
+    #: with ``layer=i`` on the config with the table's defaults; None: always). When the layer order
+    #: changes, the target config gets the explicit list (each new layer its source layer's entry)
+    layer_list_defaults: dict[str, tuple[tuple[str, str | None], ...]] = field(default_factory=dict)
 
 
 # -- conditions and expressions -------------------------------------------------------------------
 
-def condition_holds(when: str | None, cfg: dict, layout: Layout, layer: int | None = None) -> bool:
+def condition_holds(when: str | None, cfg: dict, layout: Layout, layer: int | None = None,
+                    names: set[str] | frozenset[str] | None = None) -> bool:
     """Evaluate a presence condition: alternatives joined by ``|``, each a conjunction joined by
     ``&`` of atoms, each optionally negated by ``!``: ``field`` (truthy), ``field=value`` (config
     value equals, as a string), ``layout=name``, ``never``, and for layer tensors
-    ``layer_in:field`` (the layer index is in that config list) and ``layer_step:field``
-    ((index + 1) % value == 0, a missing or null field counting as 1)."""
+    ``layer_in:field`` (the layer index is in that config list), ``layer_step:field``
+    ((index + 1) % value == 0, a missing or null field counting as 1; ``layer_step:2``: a
+    number given directly), ``layer_below:field`` (index < value) and ``stored:template``
+    (the checkpoint's table-spelled ``names`` are known and hold the template under the layout's
+    prefix, ``{i}`` this layer, ``{e}`` 0: the planner adds every stored name with its expert
+    index read as 0, so any stored expert counts; false from a config alone)."""
     if when is None:
         return True
 
@@ -157,10 +191,15 @@ def condition_holds(when: str | None, cfg: dict, layout: Layout, layer: int | No
             return not atom(text[1:])
         if text == "never":
             return False
+        if text.startswith("stored:"):
+            return names is not None and layout.prefix + text[7:].format(i=layer, e=0) in names
         if text.startswith("layer_in:"):
             return layer is not None and layer in (cfg.get(text[9:]) or ())
+        if text.startswith("layer_below:"):  # index < the field's value (Qwen2's max_window_layers)
+            return layer is not None and cfg.get(text[12:]) is not None and layer < int(cfg[text[12:]])
         if text.startswith("layer_step:"):
-            step = int(cfg.get(text[11:]) or 1)
+            key = text[11:]
+            step = int(key) if key.isdigit() else int(cfg.get(key) or 1)  # a field or a number
             return layer is not None and (layer + 1) % step == 0
         if "=" in text:
             key, value = text.split("=", 1)

@@ -39,7 +39,7 @@ from .writer import ShardWriter, Syncer
 log = logging.getLogger("lemon_ext.checkpoint")
 
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-             "num_hidden_layers")
+             "num_hidden_layers", "moe_intermediate_size", "shared_expert_intermediate_size")
 #: Python + torch import, measured on the CI machine (ru_maxrss after imports): ~0.3 GiB.
 _BASE_RSS = 0.35 * 2**30
 #: End-to-end expansion throughput (target bytes written per second) measured by
@@ -301,6 +301,8 @@ def expand_checkpoint(
     num_attention_heads: int | None = None,
     num_key_value_heads: int | None = None,
     num_hidden_layers: int | None = None,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int | None = None,
     symmetry_breaking: str = "lemon",
     depth_placement="interleave",
     allow_lossy: bool = False,
@@ -332,7 +334,8 @@ def expand_checkpoint(
     t0 = time.time()
     sizes = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
                  num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-                 num_hidden_layers=num_hidden_layers)
+                 num_hidden_layers=num_hidden_layers, moe_intermediate_size=moe_intermediate_size,
+                 shared_expert_intermediate_size=shared_expert_intermediate_size)
     options = dict(symmetry_breaking=symmetry_breaking, allow_lossy=allow_lossy,
                    depth_placement=depth_placement if isinstance(depth_placement, str) else list(depth_placement))
     dist = init_from_env()

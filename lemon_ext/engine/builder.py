@@ -28,6 +28,10 @@ class SpecBuilder:
         self.embed_factor = embed_factor
         self.eta = axes.eta(src.hidden, tgt.hidden)
         self.k = tgt.hidden // src.hidden
+        if arch.new_layer_zero not in ("writers", "branch_norms") or (
+                arch.new_layer_zero == "branch_norms" and not any(ROLES[e[1]].branch_norm for e in arch.layer)):
+            raise LemonError(f"internal: table {arch.family!r}: new_layer_zero={arch.new_layer_zero!r} needs 'writers', "
+                             "or 'branch_norms' with branch_norm roles in the layer")
 
     # -- axes -------------------------------------------------------------------------------------
     def _source_length(self, rule: str) -> int:
@@ -119,9 +123,13 @@ class SpecBuilder:
             n_rows, n_cols = source_shape[0], math.prod(source_shape[1:])
             if transpose:
                 n_rows, n_cols = n_cols, n_rows
-        rows = axes.keep(1) if view == "vector" else self.axis(role.rows, n_rows, new_output)
-        cols = self.axis(role.cols, n_cols, new_output)
-        zero_output = new_output and role.writes_stream
+        # New layers: zero output by cancelling writers over paired units, or by zero branch-norm
+        # gains (then the layer is otherwise a plain copy of its source layer).
+        cancel = self.arch.new_layer_zero == "writers"
+        rows = axes.keep(1) if view == "vector" else self.axis(role.rows, n_rows, new_output and cancel)
+        cols = self.axis(role.cols, n_cols, new_output and cancel)
+        zero_output = new_output and role.writes_stream and cancel
+        zero_gain = new_output and role.branch_norm and not cancel
         split = "none"
         if role.split:
             split = ("cancel_equal" if self.mode == "equal" else "cancel") if zero_output else self.mode
@@ -139,12 +147,20 @@ class SpecBuilder:
         rule = role.rule.format(
             k=k_desc, tail=", tail random" if t.hidden % s.hidden else "", split=split,
             stream_type="V_avg" if self.arch.norm == "layernorm" else "V_zero", eta=f"{self.eta:.6g}",
-            tied=f", x1/{self.k} (tied head)" if extra != 1.0 else "",
+            tied=(f", x1/{self.k} (tied head)" if self.embed_factor == 1.0
+                  else f", x{extra:.6g} = 1/({self.k} x {self.embed_factor:.6g}) (tied head, scaled embedding)")
+            if extra != 1.0 else "",
             what=role.what.format(hs=s.heads, ht=t.heads, kvs=s.kv_heads, kvt=t.kv_heads, fs=s.ffn, ft=t.ffn,
                                   efs=s.expert_ffn, eft=t.expert_ffn),
         )
+        if role.qk_norm_input and self.arch.qk_norm and self.eta != 1.0:
+            rule += f"; x eta={self.eta:.6g} (feeds a q/k norm whose eps is the config's, scaled by eta^2)"
         if zero_output and view == "vector":
             cols, rule = torch.full((cols.numel(),), ZERO, dtype=torch.int64), "zero (new layer output bias)"
+        if zero_gain:
+            # x * (offset + w) with offset + w = 0: the new layer adds exactly zero in any dtype
+            cols, col_factor, offset = torch.full((cols.numel(),), ZERO, dtype=torch.int64), None, self.arch.norm_offset
+            rule = f"zero gain (w = {0.0 - self.arch.norm_offset:g}): the new layer's branch adds exactly 0"
         target_shape = _target_shape(source_shape, view, transpose, rows.numel(), cols.numel())
         noise = self.noise_std if split != "none" or bool((cols == FREE).any()) else 0.0
         return TensorSpec(

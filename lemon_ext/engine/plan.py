@@ -82,6 +82,8 @@ class ExpansionPlan:
             f"lemon_ext plan: {self.architecture.family} ({self.layout.name}), symmetry_breaking={self.symmetry_breaking}",
             f"  hidden {s.hidden}->{t.hidden}, ffn {s.ffn}->{t.ffn}, heads {s.heads}->{t.heads} "
             f"(kv {s.kv_heads}->{t.kv_heads}, head_dim {s.head_dim}), layers {s.layers}->{t.layers}",
+            *([f"  experts {s.experts} (kept), expert ffn {s.expert_ffn}->{t.expert_ffn}"
+               + (f", shared expert ffn {s.shared_ffn}->{t.shared_ffn}" if s.shared_ffn else "")] if s.experts else []),
             f"  target layers <- source: {[l.source for l in self.layers]} (new, zero-output: "
             f"{[l.index for l in self.layers if l.new]})",
             f"  parameters {self.num_parameters_source:,} -> {self.num_parameters_target:,}",
@@ -110,8 +112,11 @@ class ExpansionPlan:
 
 
 def _template(name: str) -> str:
-    parts = name.split(".")
-    return ".".join("{i}" if p.isdigit() else p for p in parts)
+    """The name with its layer index as ``{i}`` and a later index (an expert's) as ``{e}``."""
+    parts, out = name.split("."), []
+    for p in parts:
+        out.append(("{e}" if "{i}" in out else "{i}") if p.isdigit() else p)
+    return ".".join(out)
 
 
 def _choose_layout(arch: Architecture, cfg: dict, names: set[str] | None) -> Layout:
@@ -165,6 +170,19 @@ def _rerooted(arch: Architecture, layout: Layout, wanted: str | None, tie: bool)
                            tied=tuple((n, partner[strip:]) for n, partner in lm.tied),
                            final_norm=tuple(n[strip:] for n in lm.final_norm))
     return layout
+
+
+def _any_expert(names: set[str]) -> set[str]:
+    """The names plus each name with its second index (an expert's) read as 0: a ``stored:``
+    condition (``{e}`` = 0) then holds when any expert of the layer is stored."""
+    out = set(names)
+    for name in names:
+        parts = name.split(".")
+        indices = [k for k, p in enumerate(parts) if p.isdigit()]
+        if len(indices) > 1:
+            parts[indices[1]] = "0"
+            out.add(".".join(parts))
+    return out
 
 
 def _bare(template: str) -> str:
@@ -281,11 +299,13 @@ def plan_expansion(
     cfg_given = config_to_dict(cfg_s)
     arch = find_architecture(cfg_given)
     cfg = {**arch.defaults, **cfg_given}  # what transformers fills in for fields config.json omits
+    cfg.update({f: cfg_given[key] for key, f in arch.aliases.items() if key in cfg_given and f not in cfg_given})
     src = source_sizes(arch, cfg)
     if source_shapes is not None:
         source_names = list(source_shapes)
     spelling = SourceSpelling(arch, source_names) if source_names is not None else None
     names = set(spelling.canonical.values()) if spelling is not None else None
+    stored = _any_expert(names) if names is not None else None  # for ``stored:`` conditions
     shapes = spelling.table_shapes(dict(source_shapes)) if source_shapes is not None else {}
     layout = _choose_layout(arch, cfg, names)
 
@@ -310,8 +330,14 @@ def plan_expansion(
     tied_factor = 1.0 / (k * embed_factor) if tied else 1.0
     if tied and k & (k - 1):
         notes.append(f"tied head: final norm scaled by 1/{k}, not a power of two: one rounding in low precision")
+    if tied and embed_factor != 1.0:
+        notes.append(f"tied head: it reads the scaled embedding (x{embed_factor:.6g}) k={k} times: final norm gain scaled "
+                     f"by 1/({k} x {embed_factor:.6g}) = {tied_factor:.6g} (one rounding in low precision)")
     if tgt.hidden % src.hidden:
         notes.append(f"indivisible width: norm gains scaled by eta={axes.eta(src.hidden, tgt.hidden):.6g} (one rounding in low precision)")
+        if arch.qk_norm:
+            notes.append(f"q/k norms ({arch.qk_norm}): q and k projections scaled by eta too, so their eps (the config's "
+                         "one eps, scaled by eta^2) stays exact (one rounding in low precision)")
     noise_std = float(cfg.get("initializer_range", 0.02)) if symmetry_breaking != "equal" else 0.0
     if arch.norm_offset and (tied_factor != 1.0 or tgt.hidden % src.hidden):
         notes.append(f"norms compute x * ({arch.norm_offset:g} + w): scaled gains are stored as w' = f ({arch.norm_offset:g} + w) "
@@ -324,8 +350,8 @@ def plan_expansion(
     layers = target_layers(order, arch.post_ln)
 
     def present(full_name: str, optional: bool, when: str | None, layer: int | None = None) -> bool:
-        if not optional:
-            return True
+        if not optional:  # required; with a condition, exactly where it holds (checked against the names)
+            return condition_holds(when, cfg, layout, layer, stored)
         if names is not None:
             return full_name in names
         return condition_holds(when, cfg, layout, layer)

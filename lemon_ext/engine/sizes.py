@@ -1,6 +1,7 @@
 """Source and target sizes of an expansion, read from a config and checked against the spec."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from ..arch import Architecture, evaluate
@@ -58,6 +59,16 @@ def source_sizes(arch: Architecture, cfg: dict) -> Sizes:
     return Sizes(hidden, ffn, heads, kv, int(head_dim), layers, *moe)
 
 
+def size_argument(name: str, value):
+    """A target size as given by the caller: None or an int. "64", 64.0 and True are refused
+    (int() would accept them silently, and True would mean a size of 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise LemonError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _not_smaller(name: str, source: int, target: int) -> None:
     if target < source:
         raise LemonError(f"{name}={target} is smaller than the source's {source}: lemon_ext only grows models")
@@ -76,8 +87,12 @@ def target_sizes(
     shared_expert_intermediate_size: int | None = None,
 ) -> Sizes:
     """Target sizes: given values checked, missing ones kept (heads: head_dim kept)."""
-    hidden = src.hidden if hidden_size is None else int(hidden_size)
-    ffn = src.ffn if intermediate_size is None else int(intermediate_size)
+    hidden_size, intermediate_size, num_attention_heads, num_key_value_heads = (
+        size_argument(name, value) for name, value in (
+            ("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+            ("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)))
+    hidden = src.hidden if hidden_size is None else hidden_size
+    ffn = src.ffn if intermediate_size is None else intermediate_size
     _not_smaller("hidden_size", src.hidden, hidden)
     _not_smaller("intermediate_size", src.ffn, ffn)
     _not_smaller("num_hidden_layers", src.layers, num_hidden_layers)
@@ -132,6 +147,9 @@ def _moe_width(arch: Architecture, generic: str, source: int, given: int | None,
     if given is not None:
         if field is None:
             raise LemonError(f"{keyword}={given}: model family {arch.family!r} has no such size")
+        if field == arch.fields.get("intermediate_size") and int(given) != ffn:
+            raise LemonError(f"{keyword}={given}: the experts of model family {arch.family!r} are sized by "
+                             f"{field} ({ffn}); pass intermediate_size")
         target = int(given)
     elif field is not None and field == arch.fields.get("intermediate_size"):
         target = ffn
