@@ -30,8 +30,8 @@ class SpecBuilder:
         self.k = tgt.hidden // src.hidden
         if arch.new_layer_zero not in ("writers", "branch_norms") or (
                 arch.new_layer_zero == "branch_norms" and not any(ROLES[e[1]].branch_norm for e in arch.layer)):
-            raise LemonError(f"internal: table {arch.family!r}: new_layer_zero={arch.new_layer_zero!r} needs 'writers', "
-                             "or 'branch_norms' with branch_norm roles in the layer")
+            raise LemonError(f"internal: table {arch.family!r}: new_layer_zero={arch.new_layer_zero!r} needs "
+                             "'writers', or 'branch_norms' with branch_norm roles in the layer")
 
     # -- axes -------------------------------------------------------------------------------------
     def _source_length(self, rule: str) -> int:
