@@ -17,6 +17,7 @@ from .sizes import Sizes, source_sizes, target_sizes
 from .spec import TensorSpec
 
 SYMMETRY_BREAKING = ("lemon", "projection", "equal")
+ROUNDING = "one rounding in low precision"  # the marker of notes on rescaled stored values
 
 
 @dataclass
@@ -34,6 +35,12 @@ class ExpansionPlan:
     symmetry_breaking: str
     notes: list[str] = field(default_factory=list)
     spelling: SourceSpelling | None = None  # the checkpoint's names (None: planned from the config)
+
+    @property
+    def rounds_in_low_precision(self) -> bool:
+        """Whether some stored values are rescaled (eta, a 1/k that is not a power of two, an
+        embedding scale, (1 + w) gains): one rounding each in bf16 / fp16 storage (the notes say which)."""
+        return any(ROUNDING in note for note in self.notes)
 
     @property
     def dropped(self) -> list[tuple[str, str]]:
