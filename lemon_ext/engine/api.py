@@ -8,6 +8,7 @@ import torch
 from ..errors import LemonError
 from ..execution import run_specs
 from .plan import plan_expansion
+from .sizes import size_argument
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -46,13 +47,15 @@ def expand_state_dict(
             ``device="cuda"`` streams through the GPU and comes back to the host, so a 7B model
             never needs to fit on the GPU; otherwise tensors are returned on ``device``.
         **sizes_and_options: hidden_size, intermediate_size, num_attention_heads,
-            num_key_value_heads, num_hidden_layers, symmetry_breaking, depth_placement,
+            num_key_value_heads, num_hidden_layers, moe_intermediate_size,
+            shared_expert_intermediate_size, symmetry_breaking, depth_placement,
             allow_lossy (see ``plan_expansion``).
     Returns:
         (sd_t, cfg_t): target tensors (target order) and the target config (same type as cfg_s).
     """
     if not isinstance(sd_s, dict):
         raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
+    size_argument("num_hidden_layers", sizes_and_options.get("num_hidden_layers"))
     if _host_to_gpu(sd_s, device):
         # Many GB on the host, computed on a GPU: tensors go up, expand and come back through
         # pinned buffers while the next one loads (the streaming pipeline, lemon_ext.execution).
@@ -119,7 +122,12 @@ def _dtype_of(source, sd_s) -> torch.dtype:
 
 
 def expand_model(model_s, **kwargs):
-    """Expand a Hugging Face model: same class out, weights loaded strictly, source untouched."""
+    """Expand a Hugging Face model: same class out, weights loaded strictly, source untouched.
+
+    A ``torch.compile``d model is expanded through its original module (its state-dict names
+    carry a ``_orig_mod.`` prefix); the result is not compiled: compile it again.
+    """
+    model_s = getattr(model_s, "_orig_mod", model_s)
     config = getattr(model_s, "config", None)
     if config is None:
         raise LemonError("expand_model takes a transformers PreTrainedModel (it has no .config)")
@@ -128,6 +136,10 @@ def expand_model(model_s, **kwargs):
     from transformers.initialization import no_init_weights
 
     dtype = next(iter(sd_t.values())).dtype
+    for attr in ("_attn_implementation", "_experts_implementation"):  # keep the source's kernels (config
+        value = getattr(config, attr, None)  # dicts drop them; grouped_mm MoE experts have no float64)
+        if value is not None and hasattr(cfg_t, attr):
+            setattr(cfg_t, attr, value)
     with no_init_weights():
         model_t = type(model_s)(cfg_t)
     model_t.to(dtype)
