@@ -8,48 +8,19 @@ layer full; the target config gets the explicit list). Gemma 3 adds (1 + w) q/k 
 and per-layer-type RoPE (``rope_local_base_freq``, unchanged)."""
 from __future__ import annotations
 
-from ..schema import Architecture, Layout
-from .common import LEGACY_RENAMES
-
-_FIELDS = dict(
-    hidden_size="hidden_size", intermediate_size="intermediate_size",
-    num_attention_heads="num_attention_heads", num_key_value_heads="num_key_value_heads",
-    num_hidden_layers="num_hidden_layers", eps="rms_norm_eps", head_dim="head_dim",
-)
-_SHAPES = {"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")}
-
+from ..schema import Architecture
+from .common import DECODER_FIELDS, DECODER_SHAPES, LEGACY_RENAMES, decoder_attention, decoder_layouts, swiglu
 
 def _layer(qk_norm: bool) -> tuple[tuple[str, ...], ...]:
-    attn = [
+    """input norm, attention, post-attention norm (on the branch output), pre-FFN norm, SwiGLU,
+    post-FFN norm (on the branch output)."""
+    return (
         ("layers.{i}.input_layernorm.weight", "norm_weight"),
-        ("layers.{i}.self_attn.q_proj.weight", "q_weight"),
-        ("layers.{i}.self_attn.q_proj.bias?", "q_bias", "attention_bias"),
-        ("layers.{i}.self_attn.k_proj.weight", "k_weight" if qk_norm else "kv_weight"),
-        ("layers.{i}.self_attn.k_proj.bias?", "k_bias" if qk_norm else "kv_bias", "attention_bias"),
-        ("layers.{i}.self_attn.v_proj.weight", "kv_weight"),
-        ("layers.{i}.self_attn.v_proj.bias?", "kv_bias", "attention_bias"),
-        ("layers.{i}.self_attn.o_proj.weight", "o_weight"),
-        ("layers.{i}.self_attn.o_proj.bias?", "o_bias", "attention_bias"),
-    ]
-    if qk_norm:
-        attn += [("layers.{i}.self_attn.q_norm.weight", "qk_norm_head"),
-                 ("layers.{i}.self_attn.k_norm.weight", "qk_norm_head")]
-    return tuple(attn) + (
+        *decoder_attention(qk_norm="head_dim" if qk_norm else None),
         ("layers.{i}.post_attention_layernorm.weight", "branch_norm_weight"),
         ("layers.{i}.pre_feedforward_layernorm.weight", "norm_weight"),
-        ("layers.{i}.mlp.gate_proj.weight", "up_weight"),
-        ("layers.{i}.mlp.up_proj.weight", "up_weight"),
-        ("layers.{i}.mlp.down_proj.weight", "down_weight"),
+        *swiglu(),
         ("layers.{i}.post_feedforward_layernorm.weight", "branch_norm_weight"),
-    )
-
-
-def _layouts(lm: str, base: str) -> tuple[Layout, ...]:
-    return (
-        Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
-               tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
-               architectures=(lm,)),
-        Layout("base", "", architectures=(base,)),
     )
 
 
@@ -62,17 +33,17 @@ GEMMA2 = Architecture(
     norm_offset=1.0,
     embed_scale="hidden ** 0.5",
     new_layer_zero="branch_norms",
-    fields=_FIELDS,
+    fields=DECODER_FIELDS,
     embeddings=(("embed_tokens.weight", "embed"),),
     layer=_layer(qk_norm=False),
     final=(("norm.weight", "norm_weight"),),
     # Gemma2Config's defaults for fields config.json may omit
     defaults={"tie_word_embeddings": True, "attention_bias": False, "rms_norm_eps": 1e-6, "head_dim": 256},
-    shapes=_SHAPES,
+    shapes=DECODER_SHAPES,
     # Gemma2Config without layer_types: layer i is full attention when (i + 1) % 2 == 0
     layer_list_defaults={"layer_types": (("full_attention", "layer_step:2"), ("sliding_attention", None))},
     renames=LEGACY_RENAMES,
-    layouts=_layouts("Gemma2ForCausalLM", "Gemma2Model"),
+    layouts=decoder_layouts("Gemma2"),
 )
 
 GEMMA3_TEXT = Architecture(
@@ -85,7 +56,7 @@ GEMMA3_TEXT = Architecture(
     embed_scale="hidden ** 0.5",
     qk_norm="head_dim",
     new_layer_zero="branch_norms",
-    fields=_FIELDS,
+    fields=DECODER_FIELDS,
     embeddings=(("embed_tokens.weight", "embed"),),
     layer=_layer(qk_norm=True),
     final=(("norm.weight", "norm_weight"),),
@@ -93,9 +64,9 @@ GEMMA3_TEXT = Architecture(
     # older configs' pattern field, read by Gemma3TextConfig when layer_types is absent)
     defaults={"tie_word_embeddings": True, "attention_bias": False, "rms_norm_eps": 1e-6, "head_dim": 256,
               "sliding_window_pattern": 6},
-    shapes=_SHAPES,
+    shapes=DECODER_SHAPES,
     layer_list_defaults={"layer_types": (("full_attention", "layer_step:sliding_window_pattern"),
                                          ("sliding_attention", None))},
     renames=LEGACY_RENAMES,
-    layouts=_layouts("Gemma3ForCausalLM", "Gemma3TextModel"),
+    layouts=decoder_layouts("Gemma3", models=("Gemma3TextModel",)),
 )

@@ -13,7 +13,8 @@ otherwise (a model's state_dict, or a plan from the config alone).
 """
 from __future__ import annotations
 
-from ..schema import Architecture, Layout
+from ..schema import Architecture
+from .common import DECODER_FIELDS, DECODER_SHAPES, ROPE_INV_FREQ, decoder_attention, decoder_layouts
 
 #: the per-expert (on-disk) form of layer {i}'s experts, in table spelling
 PER_EXPERT = "stored:layers.{i}.mlp.experts.{e}.w1.weight"
@@ -24,19 +25,11 @@ MIXTRAL = Architecture(
     norm="rmsnorm",
     post_ln=False,
     explicit_head_dim=True,
-    fields=dict(
-        hidden_size="hidden_size", intermediate_size="intermediate_size",
-        num_attention_heads="num_attention_heads", num_key_value_heads="num_key_value_heads",
-        num_hidden_layers="num_hidden_layers", eps="rms_norm_eps", head_dim="head_dim",
-        num_experts="num_local_experts", expert_ffn="intermediate_size",
-    ),
+    fields={**DECODER_FIELDS, "num_experts": "num_local_experts", "expert_ffn": "intermediate_size"},
     embeddings=(("embed_tokens.weight", "embed"),),
     layer=(
         ("layers.{i}.input_layernorm.weight", "norm_weight"),
-        ("layers.{i}.self_attn.q_proj.weight", "q_weight"),
-        ("layers.{i}.self_attn.k_proj.weight", "kv_weight"),
-        ("layers.{i}.self_attn.v_proj.weight", "kv_weight"),
-        ("layers.{i}.self_attn.o_proj.weight", "o_weight"),
+        *decoder_attention(qkv_bias=None, o_bias=None),
         ("layers.{i}.post_attention_layernorm.weight", "norm_weight"),
         ("layers.{i}.mlp.gate.weight", "router"),
         # transformers 5 in memory: the experts fused and stacked
@@ -49,17 +42,9 @@ MIXTRAL = Architecture(
     ),
     final=(("norm.weight", "norm_weight"),),
     defaults={"tie_word_embeddings": False, "num_local_experts": 8},  # MixtralConfig's defaults
-    shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")},
-    derived={
-        "layers.{i}.self_attn.rotary_emb.inv_freq": "RoPE inverse frequencies (rebuilt from rope_theta)",
-        "rotary_emb.inv_freq": "RoPE inverse frequencies (rebuilt from rope_theta)",
-    },
+    shapes=DECODER_SHAPES,
+    derived=ROPE_INV_FREQ,
     # transformers 5 conversion_mapping.py "mixtral": WeightRenaming(".block_sparse_moe.", ".mlp.")
     renames=((r"\.block_sparse_moe\.", ".mlp."),),
-    layouts=(
-        Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
-               tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
-               architectures=("MixtralForCausalLM",)),
-        Layout("base", "", architectures=("MixtralModel",)),
-    ),
+    layouts=decoder_layouts("Mixtral"),
 )

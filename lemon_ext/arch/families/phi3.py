@@ -9,8 +9,8 @@ On-disk names are those of microsoft/Phi-3-mini-4k-instruct (transformers 4.40 s
 """
 from __future__ import annotations
 
-from ..schema import Architecture, Layout
-from .common import LEGACY_RENAMES
+from ..schema import Architecture
+from .common import DECODER_SHAPES, LEGACY_RENAMES, decoder_layouts
 
 PHI3 = Architecture(
     family="phi3",
@@ -33,12 +33,7 @@ PHI3 = Architecture(
     ),
     final=(("norm.weight", "norm_weight"),),
     defaults={"tie_word_embeddings": False},  # Phi3Config's (Phi-4-mini sets it true)
-    shapes={"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")},
+    shapes=DECODER_SHAPES,
     renames=LEGACY_RENAMES,
-    layouts=(
-        Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
-               tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
-               architectures=("Phi3ForCausalLM",)),
-        Layout("base", "", architectures=("Phi3Model",)),
-    ),
+    layouts=decoder_layouts("Phi3"),
 )

@@ -16,8 +16,8 @@ and ``mlp.experts.down_proj`` (E, D, F) (conversion_mapping.py "qwen2_moe", whic
 """
 from __future__ import annotations
 
-from ..schema import Architecture, Layout
-from .common import LEGACY_RENAMES
+from ..schema import Architecture
+from .common import DECODER_FIELDS, DECODER_SHAPES, LEGACY_RENAMES, decoder_attention, decoder_layouts
 
 #: a sparse (MoE) layer; dense otherwise (transformers' Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer)
 _SPARSE = "num_experts & !layer_in:mlp_only_layers & layer_step:decoder_sparse_step"
@@ -51,41 +51,8 @@ def _moe_layer(attention: tuple, *, shared: bool) -> tuple:
     return (("layers.{i}.input_layernorm.weight", "norm_weight"),) + attention + ffn
 
 
-_QWEN2_ATTENTION = (
-    ("layers.{i}.self_attn.q_proj.weight", "q_weight"),
-    ("layers.{i}.self_attn.q_proj.bias?", "q_bias", "qkv_bias"),
-    ("layers.{i}.self_attn.k_proj.weight", "kv_weight"),
-    ("layers.{i}.self_attn.k_proj.bias?", "kv_bias", "qkv_bias"),
-    ("layers.{i}.self_attn.v_proj.weight", "kv_weight"),
-    ("layers.{i}.self_attn.v_proj.bias?", "kv_bias", "qkv_bias"),
-    ("layers.{i}.self_attn.o_proj.weight", "o_weight"),
-)
-
-_QWEN3_ATTENTION = (
-    ("layers.{i}.self_attn.q_proj.weight", "q_weight"),
-    ("layers.{i}.self_attn.q_proj.bias?", "q_bias", "attention_bias"),
-    ("layers.{i}.self_attn.k_proj.weight", "k_weight"),
-    ("layers.{i}.self_attn.k_proj.bias?", "k_bias", "attention_bias"),
-    ("layers.{i}.self_attn.v_proj.weight", "kv_weight"),
-    ("layers.{i}.self_attn.v_proj.bias?", "kv_bias", "attention_bias"),
-    ("layers.{i}.self_attn.q_norm.weight", "qk_norm_head"),
-    ("layers.{i}.self_attn.k_norm.weight", "qk_norm_head"),
-    ("layers.{i}.self_attn.o_proj.weight", "o_weight"),
-    ("layers.{i}.self_attn.o_proj.bias?", "o_bias", "attention_bias"),
-)
-
-_SHAPES = {"embed_tokens.weight": ("vocab_size", "hidden"), "lm_head.weight": ("vocab_size", "hidden")}
 #: the config classes' defaults for fields Hub config.json files omit
 _MOE_DEFAULTS = {"tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
-
-
-def _layouts(name: str) -> tuple[Layout, ...]:
-    return (
-        Layout("causal_lm", "model.", head=(("lm_head.weight", "head"),),
-               tied=(("lm_head.weight", "model.embed_tokens.weight"),), final_norm=("model.norm.weight",),
-               architectures=(f"{name}ForCausalLM",)),
-        Layout("base", "", architectures=(f"{name}Model",)),
-    )
 
 
 QWEN2_MOE = Architecture(
@@ -94,18 +61,14 @@ QWEN2_MOE = Architecture(
     norm="rmsnorm",
     post_ln=False,
     explicit_head_dim=True,
-    fields=dict(
-        hidden_size="hidden_size", intermediate_size="intermediate_size",
-        num_attention_heads="num_attention_heads", num_key_value_heads="num_key_value_heads",
-        num_hidden_layers="num_hidden_layers", eps="rms_norm_eps", head_dim="head_dim",
-        num_experts="num_experts", expert_ffn="moe_intermediate_size", shared_ffn="shared_expert_intermediate_size",
-    ),
+    fields={**DECODER_FIELDS, "num_experts": "num_experts", "expert_ffn": "moe_intermediate_size",
+            "shared_ffn": "shared_expert_intermediate_size"},
     embeddings=(("embed_tokens.weight", "embed"),),
-    layer=_moe_layer(_QWEN2_ATTENTION, shared=True),
+    layer=_moe_layer(decoder_attention(qkv_bias="qkv_bias", o_bias=None), shared=True),
     final=(("norm.weight", "norm_weight"),),
     defaults={**_MOE_DEFAULTS, "qkv_bias": True, "num_experts": 60, "max_window_layers": 28,
               "use_sliding_window": False},
-    shapes=_SHAPES,
+    shapes=DECODER_SHAPES,
     # Qwen2MoeConfig.__post_init__ when config.json has no layer_types (Qwen1.5-MoE uploads)
     layer_list_defaults={"layer_types": (
         ("sliding_attention", "use_sliding_window & !layer_step:2 & layer_below:max_window_layers"),
@@ -114,7 +77,7 @@ QWEN2_MOE = Architecture(
     layer_index_lists=("mlp_only_layers",),
     layer_steps={"decoder_sparse_step": "mlp_only_layers"},
     renames=LEGACY_RENAMES,
-    layouts=_layouts("Qwen2Moe"),
+    layouts=decoder_layouts("Qwen2Moe"),
 )
 
 QWEN3_MOE = Architecture(
@@ -124,22 +87,17 @@ QWEN3_MOE = Architecture(
     post_ln=False,
     explicit_head_dim=True,
     qk_norm="head_dim",
-    fields=dict(
-        hidden_size="hidden_size", intermediate_size="intermediate_size",
-        num_attention_heads="num_attention_heads", num_key_value_heads="num_key_value_heads",
-        num_hidden_layers="num_hidden_layers", eps="rms_norm_eps", head_dim="head_dim",
-        num_experts="num_experts", expert_ffn="moe_intermediate_size",
-    ),
+    fields={**DECODER_FIELDS, "num_experts": "num_experts", "expert_ffn": "moe_intermediate_size"},
     # Qwen3MoeConfig.attribute_map: config.json says num_experts, to_dict() num_local_experts
     aliases={"num_local_experts": "num_experts"},
     embeddings=(("embed_tokens.weight", "embed"),),
-    layer=_moe_layer(_QWEN3_ATTENTION, shared=False),
+    layer=_moe_layer(decoder_attention(qk_norm="head_dim"), shared=False),
     final=(("norm.weight", "norm_weight"),),
     defaults={**_MOE_DEFAULTS, "attention_bias": False, "num_experts": 128},
-    shapes=_SHAPES,
+    shapes=DECODER_SHAPES,
     layer_thresholds=("max_window_layers",),
     layer_index_lists=("mlp_only_layers",),
     layer_steps={"decoder_sparse_step": "mlp_only_layers"},
     renames=LEGACY_RENAMES,
-    layouts=_layouts("Qwen3Moe"),
+    layouts=decoder_layouts("Qwen3Moe"),
 )
