@@ -8,7 +8,6 @@ import torch
 from ..errors import LemonError
 from ..execution import run_specs
 from .plan import plan_expansion
-from .sizes import size_argument
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,7 +54,6 @@ def expand_state_dict(
     """
     if not isinstance(sd_s, dict):
         raise LemonError(f"expand_state_dict takes a dict of tensors, got {type(sd_s).__name__}")
-    size_argument("num_hidden_layers", sizes_and_options.get("num_hidden_layers"))
     if _host_to_gpu(sd_s, device):
         # Many GB on the host, computed on a GPU: tensors go up, expand and come back through
         # pinned buffers while the next one loads (the streaming pipeline, lemon_ext.execution).

@@ -13,7 +13,7 @@ from . import axes
 from .builder import SpecBuilder
 from .config import config_to_dict, rewrite_config
 from .depth import TargetLayer, layer_sources, target_layers
-from .sizes import Sizes, source_sizes, target_sizes
+from .sizes import Sizes, size_argument, source_sizes, target_sizes
 from .spec import TensorSpec
 
 SYMMETRY_BREAKING = ("lemon", "projection", "equal")
@@ -317,12 +317,12 @@ def plan_expansion(
     layout = _choose_layout(arch, cfg, names)
 
     if isinstance(depth_placement, str):
-        num_layers = src.layers if num_hidden_layers is None else int(num_hidden_layers)
+        num_layers = src.layers if num_hidden_layers is None else size_argument("num_hidden_layers", num_hidden_layers)
         if num_layers < src.layers:
             raise LemonError(f"num_hidden_layers={num_layers} is smaller than the source's {src.layers}: lemon_ext only grows models")
         order = layer_sources(src.layers, num_layers, depth_placement)
     else:
-        num_layers = len(depth_placement) if num_hidden_layers is None else int(num_hidden_layers)
+        num_layers = len(depth_placement) if num_hidden_layers is None else size_argument("num_hidden_layers", num_hidden_layers)
         order = layer_sources(src.layers, num_layers, depth_placement)
     tgt = target_sizes(
         arch, src, hidden_size=hidden_size, intermediate_size=intermediate_size,

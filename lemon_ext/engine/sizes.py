@@ -144,6 +144,7 @@ def _moe_width(arch: Architecture, generic: str, source: int, given: int | None,
     """An expert FFN width: the keyword if given; else the dense FFN's target when the family
     keeps both in one config field (Mixtral's intermediate_size); else the source's."""
     field = arch.fields.get(generic)
+    given = size_argument(keyword, given)
     if given is not None:
         if field is None:
             raise LemonError(f"{keyword}={given}: model family {arch.family!r} has no such size")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from ..errors import LemonError
@@ -48,6 +49,8 @@ class TrainConfig:
     parallel: str = "auto"  # "auto" (DDP when WORLD_SIZE > 1), "none", "ddp", "fsdp"
     num_workers: int = 0
     progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool | str = "auto"  # "auto": out_dir/tensorboard if tensorboard is installed; a str: log dir
+    export_dir: str | None = None  # at the end: save_pretrained directory of the (gathered) model
     extra: dict = field(default_factory=dict)  # copied into every metrics line (run name, ...)
 
     def replace(self, **overrides) -> "TrainConfig":
@@ -84,4 +87,12 @@ class TrainConfig:
             raise LemonError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise LemonError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
+        if not isinstance(self.tensorboard, (bool, str)):
+            raise LemonError(f"tensorboard must be 'auto', True, False or a log directory, got {self.tensorboard!r}")
+        if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
+            raise LemonError(f"export_dir must be a directory path or None, got {self.export_dir!r}")
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise LemonError(f"out_dir must be a directory path or None, got {self.out_dir!r}")
+        if not isinstance(self.extra, dict):
+            raise LemonError(f"extra must be a dict, got {type(self.extra).__name__}")
         return self

@@ -11,15 +11,64 @@ micro-batch ``m`` of rank ``r`` takes ``perm[i*G + (m*W + r)*B : ... + B]``. Hen
 
 The last ``len(dataset) mod G`` examples of each epoch's permutation are dropped (every step
 has the same global batch, which keeps the loss normalisation identical across steps).
+
+``collate_rows`` is the default collate: rows as a Hugging Face ``datasets.Dataset`` returns them
+(dicts of Python lists and numbers) become tensors, and a column no tensor can hold is named.
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import LemonError
 
-__all__ = ["StepBatches", "steps_per_epoch", "train_loader", "eval_batches"]
+__all__ = ["StepBatches", "steps_per_epoch", "train_loader", "eval_batches", "collate_rows", "check_dataset"]
+
+
+def check_dataset(name: str, data) -> None:
+    """Map-style (``__getitem__`` + ``__len__``), non-empty: else one line naming the argument."""
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise LemonError(f"{name} must be a map-style dataset (__getitem__ and __len__), got {type(data).__name__}"
+                         " (an iterable dataset: materialise it, e.g. list(...) or datasets' .take(n))")
+    if len(data) == 0:
+        raise LemonError(f"{name} is empty")
+
+
+def collate_rows(rows: list):
+    """Stack a list of examples into a batch. Dict rows are collated column by column: tensors
+    and numpy arrays are stacked, Python numbers and (nested) lists of numbers become tensors
+    (raw ``datasets.Dataset`` rows); other rows go to ``torch.utils.data.default_collate``.
+
+    Raises LemonError naming the column for strings (drop the column or pass ``collate_fn``) and
+    for rows of different lengths (pad them, e.g. with a ``DataCollatorWithPadding`` as ``collate_fn``).
+    """
+    if not rows or not isinstance(rows[0], Mapping):
+        return default_collate(rows)
+    return {key: _column(key, [row[key] for row in rows]) for key in rows[0]}
+
+
+def _column(key, values: list):
+    first = values[0]
+    if isinstance(first, str) or (isinstance(first, (list, tuple)) and first and isinstance(first[0], str)):
+        raise LemonError(f"column {key!r} holds strings: drop it (datasets: .remove_columns([{key!r}])) or pass "
+                         "collate_fn")
+    if isinstance(first, (torch.Tensor, numbers.Number)) or type(first).__module__ == "numpy":
+        tensors = [torch.as_tensor(v) for v in values]
+    elif isinstance(first, (list, tuple)):
+        try:
+            tensors = [torch.tensor(v) for v in values]
+        except (TypeError, ValueError) as exc:
+            raise LemonError(f"column {key!r}: rows are not (nested) lists of numbers ({exc})") from None
+    else:
+        return default_collate(values)
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise LemonError(f"column {key!r} has rows of different shapes {sorted(shapes)[:2]}: pad them to one length "
+                         "or pass a padding collate_fn (e.g. transformers.DataCollatorWithPadding)")
+    return torch.stack(tensors)
 
 
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
