@@ -1,11 +1,17 @@
 """Build lemon_ext._C: C++ CPU kernels always, CUDA kernels when torch and a toolkit have CUDA.
 
-Switches: LEMON_EXT_SKIP_CUDA_BUILD=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST is honoured
-(default "9.0" so Hopper is always covered); DEBUG=1 builds with -O0 -g.
+Switches: LEMON_EXT_SKIP_CUDA_BUILD=1 skips the CUDA sources; DEBUG=1 builds with -O0 -g;
+TORCH_CUDA_ARCH_LIST is honoured. Without it the CUDA kernels are built for the GPUs visible at
+build time (their compute capabilities: the build is for the machine it runs on, and fastest),
+else for DEFAULT_CUDA_ARCHS: A100 (8.0), A10/RTX 30xx (8.6), L4/L40/RTX 40xx (8.9), H100/H200
+(9.0) and B200 (10.0) as machine code, plus PTX of the newest, which the driver compiles for
+later GPUs; architectures the toolkit cannot build (10.0 needs CUDA 12.8) are dropped.
 Always install with ``pip install --no-build-isolation``: an isolated build pulls a different torch.
 """
 import glob
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -22,8 +28,45 @@ build_cuda = (
     and CUDA_HOME is not None
     and os.getenv("LEMON_EXT_SKIP_CUDA_BUILD", "0") != "1"
 )
+DEFAULT_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0")
+MIN_CUDA_FOR_ARCH = {"8.9": (11, 8), "9.0": (11, 8), "10.0": (12, 8), "12.0": (12, 8)}
+
+
+def nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_arch_list(env=None, visible=None, toolkit=None) -> str:
+    """TORCH_CUDA_ARCH_LIST for this build: ``env`` if set; else the visible GPUs' capabilities
+    (``visible``: [(major, minor)]); else DEFAULT_CUDA_ARCHS the toolkit can build, PTX on the last."""
+    if env:
+        return env
+    if visible:
+        return ";".join(sorted({f"{a}.{b}" for a, b in visible}, key=lambda v: tuple(map(int, v.split(".")))))
+    archs = [a for a in DEFAULT_CUDA_ARCHS if toolkit is None or toolkit >= MIN_CUDA_FOR_ARCH.get(a, (0, 0))]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def visible_capabilities():
+    try:
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except RuntimeError:  # a driver problem: build the default list
+        pass
+    return []
+
+
 if build_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                                                        visible_capabilities(), nvcc_version(CUDA_HOME))
+    print(f"lemon_ext: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
 
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 # No -std flag: BuildExtension picks the one the installed torch needs (C++17 for torch 2.11,
@@ -54,8 +97,9 @@ else:
         define_macros=define_macros, extra_link_args=["-fopenmp"], py_limited_api=True,
     )
 
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+if __name__ == "__main__":  # pip / setuptools run this file as __main__; tests import cuda_arch_list
+    setup(
+        ext_modules=[ext],
+        cmdclass={"build_ext": BuildExtension},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )

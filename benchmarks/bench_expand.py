@@ -15,7 +15,13 @@ CPU runs use scaled-down shapes by default (the GPU shapes take minutes per row 
 
     python benchmarks/bench_expand.py --quick            # CPU, a few minutes
     python benchmarks/bench_expand.py --out $OUT/bench.json   # GPU: the three full shapes
+    python benchmarks/bench_expand.py --gpu-check --out $OUT/bench.json  # GPU: the rows with targets
+    python benchmarks/bench_expand.py --triton-sweep     # GPU: Triton launch configs on one row
+    python benchmarks/bench_expand.py --fallback-memory  # the torch fallback's memory, blocks vs one piece
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_expand.py  # CPU with torch's huge-page allocator
+
+Backends: every present one for the device, plus ``triton-element`` on GPU (the Triton kernel
+with one Philox call per element and tree level, the design before the per-quad draw tables).
 """
 from __future__ import annotations
 
@@ -102,18 +108,43 @@ def make_maps(kind: str, rs: int, cs: int, rt: int, ct: int, device: str):
     return pick(rs, rt).to(device), pick(cs, ct).to(device)
 
 
-def bench_case(device, backend, shape, dtype, kind, noise, measure, reps):
+# --gpu-check: (shape, dtype, maps, noise, target % of copy or None); issue 14's GPU targets
+GPU_CHECK_ROWS = [
+    ("8192x8192:16384x16384", "bfloat16", "random", "lemon", 80.0),
+    ("8192x8192:16384x16384", "bfloat16", "circular", "off", 90.0),
+    ("8192x8192:16384x16384", "bfloat16", "circular", "lemon", None),
+    ("8192x8192:16384x16384", "float32", "random", "lemon", None),
+    ("8192x8192:16384x16384", "float32", "circular", "off", None),
+    ("4096x11008:8192x22016", "bfloat16", "random", "lemon", None),
+    ("4096x11008:8192x22016", "bfloat16", "circular", "off", None),
+    ("4096x11008:8192x22016", "float32", "random", "lemon", None),
+]
+TRITON_SWEEP = [dict(block=b, num_warps=w, programs_per_sm=p)
+                for b, w, p in ((1024, 4, 4), (2048, 8, 4), (512, 4, 8), (1024, 8, 2), (2048, 4, 8), (1024, 4, 16))]
+
+
+def bench_case(device, backend, shape, dtype, kind, noise, measure, reps, triton_config=None):
     rs, cs, rt, ct = shape
     src = torch.randn(rs, cs, device=device).to(dtype)
-    rm, cm = make_maps(kind, rs, cs, rt, ct, device)
-    cf = torch.rand(ct, device=device) + 0.5
-    gs, gp = R.group_layout(cm)
+    # Maps, groups and factors are host data, as the engine passes them: the native ops check them
+    # on the host and upload them asynchronously (no device sync inside the timed call).
+    rm_h, cm_h = make_maps(kind, rs, cs, rt, ct, "cpu")
+    cf_h = torch.rand(ct) + 0.5
+    gs, gp = R.group_layout(cm_h)
+    rm, cm, cf = rm_h.to(device), cm_h.to(device), cf_h.to(device)  # for the naive baseline
     split = R.SPLIT_LEMON if noise == "lemon" else R.SPLIT_NONE
-    args = (src, rm, cm, None, cf, gs, gp, None, None, split, 0.0, 1234, 5678, dtype)
+    args = (src, rm_h, cm_h, None, cf_h, gs, gp, None, None, split, 0.0, 1234, 5678, dtype)
+    if backend == "torch":
+        args = (src, rm, cm, None, cf, gs.to(device), gp.to(device), None, None, split, 0.0, 1234, 5678, dtype)
     if backend == "torch":
         op = lambda: R.expand_reference(*args)  # noqa: E731
-    elif backend == "triton":
+    elif backend == "triton" and triton_config is None:
         op = lambda: torch.ops.lemon_ext.expand_triton(*args)  # noqa: E731
+    elif backend.startswith("triton"):
+        from lemon_ext.ops._triton import expand_triton
+
+        draws = "element" if backend == "triton-element" else "table"
+        op = lambda: expand_triton(*args, draws=draws, config=triton_config)  # noqa: E731
     else:
         op = lambda: torch.ops.lemon_ext.expand(*args)  # noqa: E731
     dst = torch.empty(rt, ct, dtype=dtype, device=device)
@@ -133,7 +164,7 @@ def bench_case(device, backend, shape, dtype, kind, noise, measure, reps):
     t_naive, c_naive = measure(naive)
     nbytes = src.numel() * src.element_size() + dst.numel() * dst.element_size()
     return {
-        "backend": backend, "shape": f"{rs}x{cs}->{rt}x{ct}", "dtype": str(dtype).replace("torch.", ""),
+        "backend": backend, "triton_config": triton_config, "shape": f"{rs}x{cs}->{rt}x{ct}", "dtype": str(dtype).replace("torch.", ""),
         "maps": kind, "noise": noise, "ms": t_op * 1e3, "gbps": nbytes / t_op / 1e9,
         "copy_ms": t_copy * 1e3, "copy_gbps": 2 * dst.numel() * dst.element_size() / t_copy / 1e9,
         "naive_ms": t_naive * 1e3, "pct_of_copy": 100 * t_copy / t_op, "x_naive": t_naive / t_op,
@@ -147,18 +178,24 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", nargs="*", help="RSxCS:RTxCT ... (default: 3 GPU shapes, /4 per side on CPU)")
     p.add_argument("--quick", action="store_true", help="CPU: two small shapes, fewer repetitions")
+    p.add_argument("--gpu-check", action="store_true", help="only the GPU rows with targets (GPU_CHECK_ROWS)")
+    p.add_argument("--triton-sweep", action="store_true", help="Triton launch configs on the first GPU_CHECK_ROWS row")
+    p.add_argument("--fallback-memory", action="store_true",
+                   help="the torch fallback's temporary memory and time, row blocks vs one piece (not with --quick), "
+                        "vs the C++ kernel; --shapes picks the tensor (default 16000x512:16000x1024)")
     p.add_argument("--backends", nargs="*", help="default: every present backend for the device")
     p.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     p.add_argument("--reps", type=int, help="timed repetitions on CPU (default 5, --quick 3)")
     p.add_argument("--out", help=".csv or .json file for the rows")
     a = p.parse_args(argv)
+    if a.fallback_memory:
+        return fallback_memory(a.out, *(a.shapes or [])[:1], one_piece=not a.quick)
     device = a.device
-    shapes = a.shapes or (GPU_SHAPES if device == "cuda" else QUICK_SHAPES if a.quick else CPU_SHAPES)
     reps = a.reps or (3 if a.quick else 5)
     status = ops.backends()
-    usable = ["cuda", "triton", "cpu", "torch"] if device == "cuda" else ["cpu", "torch"]
-    backends = [b for b in (a.backends or usable) if status[b] is None]
-    skipped = {b: status[b] for b in usable if status[b] is not None}
+    usable = ["cuda", "triton", "triton-element", "cpu", "torch"] if device == "cuda" else ["cpu", "torch"]
+    backends = [b for b in (a.backends or usable) if status[b.split("-")[0]] is None]
+    skipped = {b: status[b.split("-")[0]] for b in usable if status[b.split("-")[0]] is not None}
     measure = timer(device, reps)
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
@@ -167,33 +204,117 @@ def main(argv=None):
         "cpu_allocator": cpu_allocator(),
     }
     print(f"# {meta}  backends={backends}  skipped={skipped}", flush=True)
+    if a.gpu_check or a.triton_sweep:
+        cases = [(parse_shape(sh), getattr(torch, dt), kind, noise, target) for sh, dt, kind, noise, target in GPU_CHECK_ROWS]
+    else:
+        shapes = a.shapes or (GPU_SHAPES if device == "cuda" else QUICK_SHAPES if a.quick else CPU_SHAPES)
+        cases = [(shape, getattr(torch, d), kind, noise, None) for shape in map(parse_shape, shapes) for d in a.dtypes
+                 for kind in ("circular", "random") for noise in ("lemon", "off")]
     rows = []
-    for shape in map(parse_shape, shapes):
-        for dtype in (getattr(torch, d) for d in a.dtypes):
-            for kind in ("circular", "random"):
-                for noise in ("lemon", "off"):
-                    for backend in backends:
-                        if backend == "torch" and (shape[2] * shape[3] > 2**20 or device == "cuda"):
-                            continue  # the reference is the definition, not a contender, at these sizes
-                        row = {**meta, **bench_case(device, backend, shape, dtype, kind, noise, measure, reps)}
-                        rows.append(row)
-                        print(f"{row['backend']:6} {row['shape']:24} {row['dtype']:8} {row['maps']:8} "
-                              f"{row['noise']:5} {row['ms']:9.2f} ms {row['gbps']:7.1f} GB/s "
-                              f"{row['pct_of_copy']:5.1f}% of copy  {row['x_naive']:5.1f}x naive "
-                              f"({row['x_naive_cpu']:5.1f}x in CPU time)  fresh output "
-                              f"{row['fresh_output_ms']:.2f} ms = {row['pct_fresh_output']:.0f}% of the op",
-                              flush=True)
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".json":
-            out.write_text(json.dumps(rows, indent=1))
-        else:
-            with out.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-    _summary(rows)
+    if a.triton_sweep:
+        shape, dtype, kind, noise, target = cases[0]
+        for cfg in TRITON_SWEEP:
+            row = {**meta, **bench_case(device, "triton", shape, dtype, kind, noise, measure, reps, triton_config=cfg)}
+            rows.append(row)
+            print(f"triton {cfg}: {row['ms']:.3f} ms, {row['pct_of_copy']:.1f}% of copy", flush=True)
+        best = max(rows, key=lambda r: r["pct_of_copy"])
+        print(f"\nbest Triton config on {best['shape']} {best['dtype']} {best['maps']} {best['noise']}: "
+              f"{best['triton_config']} = {best['pct_of_copy']:.1f}% of copy (defaults: lemon_ext.ops._triton.CONFIG)")
+        _write(a.out, rows)
+        return rows
+    for shape, dtype, kind, noise, target in cases:
+        for backend in backends:
+            if backend == "torch" and (shape[2] * shape[3] > 2**20 or device == "cuda"):
+                continue  # the reference is the definition, not a contender, at these sizes
+            row = {**meta, **bench_case(device, backend, shape, dtype, kind, noise, measure, reps), "target_pct": target}
+            rows.append(row)
+            print(f"{row['backend']:14} {row['shape']:24} {row['dtype']:8} {row['maps']:8} "
+                  f"{row['noise']:5} {row['ms']:9.2f} ms {row['gbps']:7.1f} GB/s "
+                  f"{row['pct_of_copy']:5.1f}% of copy  {row['x_naive']:5.1f}x naive "
+                  f"({row['x_naive_cpu']:5.1f}x in CPU time)  fresh output "
+                  f"{row['fresh_output_ms']:.2f} ms = {row['pct_fresh_output']:.0f}% of the op",
+                  flush=True)
+    _write(a.out, rows)
+    if a.gpu_check:
+        _gpu_check_table(rows)
+    else:
+        _summary(rows)
+    return rows
+
+
+def _write(out, rows):
+    if not out or not rows:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(rows, indent=1, default=str))
+    else:
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _gpu_check_table(rows):
+    """Short table last: every row with its copy_ of the same run and the target it must meet."""
+    print("\n| backend | shape | dtype | maps | noise | ms | GB/s | copy_ GB/s | % of copy | target | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r.get("target_pct")
+        met = "-" if t is None else ("yes" if r["pct_of_copy"] >= t else "NO")
+        print(f"| {r['backend']} | {r['shape']} | {r['dtype']} | {r['maps']} | {r['noise']} | {r['ms']:.3f} | "
+              f"{r['gbps']:.0f} | {r['copy_gbps']:.0f} | {r['pct_of_copy']:.1f} | {'-' if t is None else f'>= {t:.0f}'} "
+              f"| {met} |")
+
+
+FALLBACK_PROBE = """
+import ctypes, json, sys, time, torch
+from lemon_ext import ops
+from lemon_ext.ops import reference as R
+def status(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
+rs, cs, rt, ct = (int(x) for x in sys.argv[1:5])
+backend, block = sys.argv[5], int(sys.argv[6])
+src = (torch.randn(rs, cs) * 0.02).to(torch.bfloat16)
+rm, cm = torch.arange(rt) % rs, torch.arange(ct) % cs
+ops.expand(src[:8], rm[:8] % 8, cm, split="lemon", backend=backend)  # warm-up
+R.BLOCK_ELEMENTS = block
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+base = status("VmRSS")
+t = time.perf_counter()
+out = ops.expand(src, rm, cm, split="lemon", backend=backend, seed=1, key=2)
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "temp_bytes": status("VmHWM") - base - out.nbytes, "out_bytes": out.nbytes}))
+"""
+
+
+def fallback_memory(out_path=None, shape="16000x512:16000x1024", one_piece=True):
+    """The torch fallback on an LM-head-like bf16 tensor (LEMON split, circular maps), each run in a
+    fresh process: peak RSS above the RSS before the call (VmHWM reset through clear_refs) minus the
+    output, and seconds; row blocks (the default) vs one piece (the earlier reference) vs C++."""
+    rs, cs, rt, ct = parse_shape(shape)
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    for name, backend, block in (("torch, row blocks", "torch", R.BLOCK_ELEMENTS), ("torch, one piece", "torch", 10**15),
+                                 ("cpu (C++)", "cpu", R.BLOCK_ELEMENTS)):
+        if ops.backends()[backend] is not None or (block == 10**15 and not one_piece):
+            continue
+        res = subprocess.run([sys.executable, "-c", FALLBACK_PROBE, str(rs), str(cs), str(rt), str(ct), backend,
+                              str(block)], capture_output=True, text=True, cwd=root, timeout=3600)
+        if res.returncode:
+            raise SystemExit(res.stderr[-3000:])
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append({"what": name, "shape": shape, **r, "bound_bytes": 2 * r["out_bytes"] + 256 * 2**20,
+                     "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        print(f"{name:18} {r['seconds']:7.2f} s  temporary {r['temp_bytes'] / 2**20:8.0f} MiB "
+              f"(output {r['out_bytes'] / 2**20:.0f} MiB)", flush=True)
+    print(f"\n| {shape} bf16 LEMON | seconds | temporary MiB | bound 2 x target + 256 MiB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['seconds']:.2f} | {r['temp_bytes'] / 2**20:.0f} | {r['bound_bytes'] / 2**20:.0f} |")
+    _write(out_path, rows)
     return rows
 
 

@@ -15,11 +15,11 @@ struct ExpandInputs {
 };
 
 inline at::Tensor opt_f32(const std::optional<at::Tensor>& t, int64_t numel, const char* name,
-                          const at::Tensor& source) {
+                          const at::Tensor& source, bool host_ok = false) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   TORCH_CHECK(t->numel() == numel, "expand: ", name, " must have ", numel, " elements, got ", t->numel());
-  TORCH_CHECK(t->device() == source.device(), "expand: ", name, " is on ", t->device(),
-              " but source is on ", source.device());
+  TORCH_CHECK(t->device() == source.device() || (host_ok && t->is_cpu()), "expand: ", name, " is on ",
+              t->device(), " but source is on ", source.device());
   return t->to(at::kFloat).contiguous().view({numel});
 }
 
@@ -39,7 +39,9 @@ inline ExpandInputs check_inputs(
     const std::optional<at::Tensor>& row_factor, const std::optional<at::Tensor>& col_factor,
     const at::Tensor& group_size, const at::Tensor& group_pos,
     const std::optional<at::Tensor>& row_mean, const std::optional<at::Tensor>& col_mean,
-    int64_t split, at::ScalarType out_dtype) {
+    int64_t split, at::ScalarType out_dtype, bool maps_on_host = false) {
+  // maps_on_host (CUDA wrapper only): the four map tensors are CPU tensors beside a GPU source,
+  // checked on the host without a device sync; factors and means may then be on either side.
   TORCH_CHECK(source.dim() == 2, "expand: source must be 2-D, got shape ", source.sizes());
   const auto st = source.scalar_type();
   // float64 tensors are computed in float64 by the reference (the engine's losslessness
@@ -56,8 +58,12 @@ inline ExpandInputs check_inputs(
     TORCH_CHECK(t.dim() == 1, "expand: ", name, " must be 1-D, got shape ", t.sizes());
     TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kBool,
                 "expand: ", name, " must be an integer tensor, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == source.device(), "expand: ", name, " is on ", t.device(),
-                " but source is on ", source.device());
+    if (maps_on_host) {
+      TORCH_CHECK(t.is_cpu(), "expand: ", name, " is on ", t.device(), " but row_map is on the CPU (maps go together)");
+    } else {
+      TORCH_CHECK(t.device() == source.device(), "expand: ", name, " is on ", t.device(), " but source is on ",
+                  source.device());
+    }
   }
   TORCH_CHECK(group_size.numel() == ct && group_pos.numel() == ct,
               "expand: group_size and group_pos must have col_map's length ", ct);
@@ -67,10 +73,10 @@ inline ExpandInputs check_inputs(
   in.col_map = col_map.to(at::kLong).contiguous();
   in.group_size = group_size.to(at::kInt).contiguous();
   in.group_pos = group_pos.to(at::kInt).contiguous();
-  in.row_factor = opt_f32(row_factor, rt, "row_factor", source);
-  in.col_factor = opt_f32(col_factor, ct, "col_factor", source);
-  in.row_mean = opt_f32(row_mean, cs, "row_mean", source);
-  in.col_mean = opt_f32(col_mean, rs, "col_mean", source);
+  in.row_factor = opt_f32(row_factor, rt, "row_factor", source, maps_on_host);
+  in.col_factor = opt_f32(col_factor, ct, "col_factor", source, maps_on_host);
+  in.row_mean = opt_f32(row_mean, cs, "row_mean", source, maps_on_host);
+  in.col_mean = opt_f32(col_mean, rs, "col_mean", source, maps_on_host);
   (void)rs;
   return in;
 }

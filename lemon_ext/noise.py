@@ -102,7 +102,8 @@ def uniform(
     k0, k1 = philox_key(seed, key)
     rows = torch.as_tensor(rows, dtype=torch.int64)
     cols = torch.as_tensor(cols, dtype=torch.int64)
-    words = philox4x32(cols >> 2, rows, torch.tensor(stream), torch.tensor(0), k0, k1)
+    zero = torch.zeros((), dtype=torch.int64, device=rows.device)  # not a CPU scalar: broadcast with GPU tensors
+    words = philox4x32(cols >> 2, rows, zero + stream, zero, k0, k1)
     lane = cols & 3
     w = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
     return uint32_to_uniform(w)

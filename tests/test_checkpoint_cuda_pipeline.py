@@ -1,19 +1,13 @@
 """The CUDA pipeline's orchestration (pinned pools, three streams, events, reader/writer threads)
-run on CPU against a stand-in for its CUDA calls (``lemon_ext.execution.pipeline._CudaCalls``).
-
-The stand-in makes asynchrony visible: every host-to-device and device-to-host copy is queued on
-its stream and runs only when an event recorded after it is waited on (``Event.synchronize`` or
-``Stream.wait_event``), as a copy engine might; fresh "pinned" and "device" buffers are filled
-with 0xFF bytes (NaN in every float dtype). A missing wait, a copy outside any stream, or a
-buffer handed back or read before its copy ran gives wrong bytes or an error, so the bytes must
-equal ``expand_state_dict``'s. Kernels run eagerly on the host (so a stream waiting on an event
-runs that event's copies at once). Not covered: real device memory, the caching allocator and
-races between truly concurrent engines: those wait for a GPU (benchmarks/gpu_check.sh).
+run on CPU against a stand-in for its CUDA calls (``lemon_ext.execution.pipeline._CudaCalls``,
+``tests/helpers_fake_cuda.py``): copies are deferred until their events are waited on and fresh
+buffers are poisoned, so the bytes must equal ``expand_state_dict``'s. The eager stand-in runs
+kernels on the host at launch; the lazy one (deferred kernels too) runs the same cases here and the
+order-of-issue, pinned-bytes and hand-over tests in ``tests/test_pipeline_cuda_overlap.py``. Not
+covered: real device memory, the caching allocator and races between truly concurrent engines:
+those wait for a GPU (benchmarks/gpu_check.sh).
 """
 from __future__ import annotations
-
-import contextlib
-import threading
 
 import pytest
 import torch
@@ -24,94 +18,9 @@ from lemon_ext.engine import expand_state_dict
 from lemon_ext.engine.api import expand_state_dict_pipelined
 from lemon_ext.execution import pipeline
 
+from helpers_fake_cuda import FakeCudaCalls
+
 SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3)
-
-_LOCK = threading.RLock()  # the writer thread synchronizes while the main thread queues
-
-
-class FakeStream:
-    def __init__(self, calls: "FakeCudaCalls"):
-        self.calls, self.ops, self.done = calls, [], 0
-
-    def enqueue(self, fn) -> None:
-        with _LOCK:
-            self.ops.append(fn)
-
-    def run_until(self, pos: int) -> None:
-        with _LOCK:
-            if self.done < pos:
-                self.calls.deferred_runs += 1
-            while self.done < pos:
-                fn = self.ops[self.done]
-                self.done += 1
-                fn()
-
-    def wait_event(self, event: "FakeEvent") -> None:
-        event.synchronize()  # the next kernel runs eagerly on the host: its inputs must be there now
-
-
-class FakeEvent:
-    def __init__(self):
-        self.stream, self.pos = None, 0
-
-    def record(self, stream: FakeStream) -> None:
-        with _LOCK:
-            self.stream, self.pos = stream, len(stream.ops)
-
-    def synchronize(self) -> None:
-        assert self.stream is not None, "waiting on an event that was never recorded"
-        self.stream.run_until(self.pos)
-
-
-class FakeCudaCalls:
-    def __init__(self):
-        self.streams: list[FakeStream] = []
-        self.local = threading.local()
-        self.copies = {"h2d": 0, "d2h": 0}
-        self.deferred_runs = 0
-
-    def new_stream(self, dev):
-        self.streams.append(FakeStream(self))
-        return self.streams[-1]
-
-    def new_event(self):
-        return FakeEvent()
-
-    @contextlib.contextmanager
-    def use_stream(self, stream):
-        prev = getattr(self.local, "stream", None)
-        self.local.stream = stream
-        try:
-            yield
-        finally:
-            self.local.stream = prev
-
-    def _current(self) -> FakeStream:
-        stream = getattr(self.local, "stream", None)
-        assert stream is not None, "a copy outside any stream (it would run on the default stream)"
-        return stream
-
-    @staticmethod
-    def pinned(shape, dtype=torch.uint8) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype)
-        t.reshape(-1).view(torch.uint8).fill_(0xFF)
-        return t
-
-    def to_device(self, host, dev):
-        out = self.pinned(host.shape, host.dtype)
-        self._current().enqueue(lambda: out.copy_(host))  # reads the pinned buffer when it runs
-        self.copies["h2d"] += 1
-        return out
-
-    def copy_to_host(self, dst, src) -> None:
-        self._current().enqueue(lambda: dst.copy_(src))
-        self.copies["d2h"] += 1
-
-    def keep_until_done(self, t, stream) -> None:
-        pass
-
-    def pending(self) -> int:
-        return sum(len(s.ops) - s.done for s in self.streams)
 
 
 def fake_cuda_run_specs(*, output_device="cpu", fetch_kind="plain", copy_out=None):
@@ -141,6 +50,7 @@ def model_sd():
     return {k: v.detach() for k, v in model.state_dict().items()}, model.config.to_dict()
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager-kernels", "deferred-kernels"])
 @pytest.mark.parametrize("copy_out,output_device,fetch_kind", [
     (True, "cpu", "plain"),    # expand_state_dict(..., device="cuda"): owned host tensors
     (True, "cpu", "out"),      # sources read straight into pinned buffers (fetch accepts out=)
@@ -148,9 +58,9 @@ def model_sd():
     (False, "cuda", "plain"),  # results kept on the device
 ])
 def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, monkeypatch, copy_out, output_device,
-                                                                  fetch_kind):
+                                                                  fetch_kind, lazy):
     sd, cfg = model_sd
-    fake = FakeCudaCalls()
+    fake = FakeCudaCalls(lazy=lazy)
     monkeypatch.setattr(pipeline, "_cuda_calls", fake)
     run = fake_cuda_run_specs(output_device=output_device, fetch_kind=fetch_kind, copy_out=copy_out)
 
@@ -168,6 +78,9 @@ def test_cuda_pipeline_orchestration_gives_expand_state_dict_bytes(model_sd, mon
     assert fake.copies["d2h"] == (0 if output_device == "cuda" else len(ref))  # one copy back per target
     assert fake.copies["h2d"] > 0 and fake.pending() == 0
     assert fake.deferred_runs > 0  # copies did wait for their events
+    assert fake.unpinned == len(fake.pinned_sizes)  # every page-locked buffer released at the end
+    if lazy:
+        assert fake.drives_by_issuer == 0  # the issuing thread never waited for the device
 
 
 def test_checkpoint_through_cuda_orchestration_gives_cpu_bytes(monkeypatch, tmp_path):

@@ -42,7 +42,7 @@ def test_missing_backend_raises_with_how_to_build():
 def test_auto_picks_the_cpp_kernel_on_cpu_and_reference_for_float64(monkeypatch):
     calls = []
     real = ops.reference.expand_reference
-    monkeypatch.setattr(ops.reference, "expand_reference", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops.reference, "expand_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     src = torch.randn(6, 5)
     ops.expand(src, torch.arange(6), torch.arange(10) % 5, split="lemon")
     assert calls == []
@@ -76,10 +76,13 @@ def test_raw_op_checks_name_the_argument():
 
 @pytest.mark.skipif(skip_reason("cuda") is not None, reason=f"cuda: {skip_reason('cuda')}")
 @pytest.mark.parametrize("axis", ["row", "col"])
-def test_raw_cuda_op_refuses_out_of_range_maps(axis):
+@pytest.mark.parametrize("maps_on", ["cuda", "cpu"])  # device maps: one sync; host maps: checked on the host
+def test_raw_cuda_op_refuses_out_of_range_maps(axis, maps_on):
     # the raw op, not the front door: a bad index must be an error, never a read outside the source
     args = list(make_case("random", 4, 4, 6, 6, device="cuda"))
-    args[1 if axis == "row" else 2] = torch.tensor([0, 1, 9, 0, 0, 0], device="cuda")
+    for k in (1, 2, 5, 6):  # row_map, col_map, group_size, group_pos
+        args[k] = args[k].to(maps_on)
+    args[1 if axis == "row" else 2] = torch.tensor([0, 1, 9, 0, 0, 0], device=maps_on)
     with pytest.raises(RuntimeError, match=f"{axis}_map entries must be source"):
         torch.ops.lemon_ext.expand(*args)
 

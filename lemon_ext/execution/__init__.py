@@ -8,6 +8,6 @@ CUDA (module ``pipeline``). The engine uses it for a host state dict expanded on
 Layering: ``errors``, ``ops`` <- ``execution`` <- ``engine`` <- ``checkpoint``. Nothing here
 imports the engine or the checkpoint tool (tests/test_layering.py checks it).
 """
-from .pipeline import resolve_device, run_specs
+from .pipeline import pinned_plan, resolve_device, run_specs
 
-__all__ = ["resolve_device", "run_specs"]
+__all__ = ["pinned_plan", "resolve_device", "run_specs"]

@@ -13,21 +13,40 @@ copied from its neighbour, a tied head) is fetched again rather than cached, unl
 CPU backend: three threads (reader, compute = caller's thread, writer); file reads, writes, sha256
 and torch kernels all release the GIL, so I/O overlaps compute on 2 cores.
 
-CUDA backend (not yet run on a GPU; on CPU its orchestration runs against a stand-in for streams,
-events and pinned memory that defers every copy until its event is waited on:
-tests/test_checkpoint_cuda_pipeline.py): sources are read straight into pinned host buffers (a pool
-of ``prefetch + 1``), copied host-to-device on a copy stream, executed on a compute stream, copied
-device-to-host on a third stream into pinned target buffers (a pool of ``max_live_targets``), and
-the writer thread waits for that copy's event before calling the sink. Read, H2D, kernel, D2H and
-write of different tensors overlap.
+CUDA backend (not yet run on a GPU; on CPU its orchestration runs against stand-ins for streams,
+events, kernels and pinned memory: tests/test_checkpoint_cuda_pipeline.py (bytes) and
+tests/test_pipeline_cuda_overlap.py (order of issue, pinned bytes, hand-over)). Sources are read
+straight into page-locked host buffers (a pool of ``prefetch + 1``), copied host-to-device on a
+copy stream, expanded on a compute stream, copied device-to-host on a third stream into page-locked
+target buffers (a pool of ``max_live_targets``), and the writer thread waits for that copy's event
+before handing the tensor over. The main thread only queues work: it never waits for the device
+(``ops.expand`` reads nothing back: the maps are host data, checked once per map pair on the host;
+a source buffer goes back to the reader with the event of the copy that reads it, and the reader,
+not the main thread, waits for that event before refilling it). So the copy of tensor i+1 is
+queued while kernel i runs, and read, H2D, kernel, D2H and write of different tensors overlap.
+
+Pinned memory (host, page-locked), exactly: ``(prefetch + 1) x`` the largest source tensor in its
+own dtype ``+ max_live_targets x`` the largest target tensor in its output dtype, each rounded up
+to a 4 KiB page (registered with ``cudaHostRegister``: the caching host allocator behind
+``pin_memory=True`` rounds every block up to a power of two, up to 2x). For a Llama-3-8B head
+grown to 8192 wide in bf16 that is 2 x 2.1 GB for targets, not 2 x 8.4 GB. Per-call map and
+factor uploads use the caching host allocator (a few MB). Stats report ``pinned_bytes``.
+Host results (``copy_out=True``, the default for ``expand_state_dict(sd, device="cuda")``) are
+staged through the same reused target buffers and copied into ordinary pageable tensors by the
+writer thread, so no result stays page-locked. Results kept on the device (``output_device``
+cuda) are made on the private compute stream; before the hand-over the writer waits for their
+kernel and marks them in use on the caller's current stream (``record_stream``), so the caching
+allocator never gives their memory to the pipeline's next tensor while the caller still reads it.
 
 Two callers, one layer above: the engine's large-state-dict path (``expand_state_dict(sd, cfg,
 device="cuda")`` on a host state dict runs ``run_specs(plan.specs, sd.__getitem__, lambda s, t:
 out.__setitem__(s.name, t), device="cuda")``: a host state dict of many GB through the GPU with
-pinned staging; ``copy_out=True``, the default, so the tensors handed over are owned) and the
+pinned staging; ``copy_out=True``, the default, so the tensors handed over are owned pageable
+copies) and the
 checkpoint tool (``lemon_ext.checkpoint.expand``: fetch from files, sink into shard writers).
-This module imports torch and ``lemon_ext.errors`` only (specs bring their kernels from ``lemon_ext.ops``) and never
-imports the engine or the checkpoint tool; its own errors are ``LemonError``. Errors raised by
+This module imports torch, ``lemon_ext.errors`` and ``lemon_ext.ops`` (``prepare_maps``; specs
+bring their kernels from there too) and never imports the engine or the checkpoint tool; its own
+errors are ``LemonError``. Errors raised by
 ``fetch_source``, ``spec.execute`` or ``sink`` reach the caller unchanged.
 """
 from __future__ import annotations
@@ -61,23 +80,54 @@ def resolve_device(device) -> torch.device:
 
 class _CudaCalls:
     """Every CUDA call of ``_run_cuda``, in one place, so the orchestration can be checked without a
-    GPU: the tests swap in a stand-in whose copies run only when an event recorded after them is
-    waited on (a missing wait or a buffer reused too early then shows as wrong bytes)."""
+    GPU: the tests swap in a stand-in whose copies and kernels run only when an event recorded
+    after them is waited on (a missing wait or a buffer reused too early then shows as wrong
+    bytes, a wait in the wrong thread as a stall)."""
 
     @staticmethod
     def new_stream(dev):
         return torch.cuda.Stream(dev)
 
     @staticmethod
-    def new_event():
-        return torch.cuda.Event()
+    def new_event(timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing)
 
     @staticmethod
     def use_stream(stream):
         return torch.cuda.stream(stream)
 
     @staticmethod
-    def pinned(shape, dtype=torch.uint8) -> torch.Tensor:
+    def current_stream(dev):
+        """The caller's stream (where device results will be consumed)."""
+        return torch.cuda.current_stream(dev)
+
+    @staticmethod
+    def pinned(nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer of ``nbytes`` rounded up to a page, page-locked with cudaHostRegister
+        (the caching host allocator behind ``pin_memory=True`` would round it up to a power of two
+        and keep it cached). The registered range is page-aligned inside its own allocation, so
+        no other allocation shares its pages."""
+        page = _PAGE
+        size = max(page, -(-nbytes // page) * page)
+        raw = torch.empty(size + page, dtype=torch.uint8)
+        off = (-raw.data_ptr()) % page
+        t = raw[off:off + size]
+        # flag 1 = cudaHostRegisterPortable (as torch.cuda._pin_memory_utils, which torch's own
+        # checkpoint stager uses for the same purpose)
+        rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 1))
+        if rc != 0:
+            raise RuntimeError(f"cudaHostRegister of {size} bytes failed (cudaError {rc})")
+        return t
+
+    @staticmethod
+    def unpin(t: torch.Tensor) -> None:
+        rc = int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+        if rc != 0:
+            raise RuntimeError(f"cudaHostUnregister failed (cudaError {rc})")
+
+    @staticmethod
+    def pinned_tensor(shape, dtype) -> torch.Tensor:
+        """A fresh page-locked tensor from the caching host allocator (``_PINNED_RESULTS`` only)."""
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     @staticmethod
@@ -91,11 +141,27 @@ class _CudaCalls:
         dst.copy_(src, non_blocking=True)
 
     @staticmethod
+    def launch(fn, shape, dtype) -> torch.Tensor:
+        """Queue ``fn`` (the kernel; it returns its output of ``shape`` / ``dtype``) on the current
+        stream. The stand-in defers it like a kernel that has not run yet."""
+        return fn()
+
+    @staticmethod
     def keep_until_done(t: torch.Tensor, stream) -> None:
         """Tell the caching allocator ``t`` is in use on ``stream`` (allocated on another one)."""
         t.record_stream(stream)
 
+    @staticmethod
+    def elapsed(start, end) -> float:
+        """Seconds between two completed timing events."""
+        return start.elapsed_time(end) / 1e3
 
+
+_PAGE = 4096
+# Measurement knob (benchmarks/bench_pipeline_gpu.py --compare-pinned-results): with copy_out=True,
+# copy each result into a fresh page-locked tensor that the caller keeps (the earlier design: a
+# 12 GB target ends up page-locked) instead of the reused buffers + a pageable copy.
+_PINNED_RESULTS = False
 _cuda_calls = _CudaCalls()
 
 
@@ -182,7 +248,10 @@ def run_specs(
             the CUDA path reads straight into pinned buffers.
         sink: ``(spec, tensor) -> None``, called in spec order from one thread. On the CUDA path
             with ``copy_out=False`` the tensor is a view of a reused pinned buffer, valid only
-            during the call (the checkpoint writer copies it to disk at once).
+            during the call (the checkpoint writer copies it to disk at once); with
+            ``copy_out=True`` an owned pageable host tensor (copied from that buffer by the
+            writer thread); with ``output_device`` cuda a device tensor, ready on the caller's
+            current stream and safe to keep.
         dtype: output dtype: None (the source's), one dtype, or {target name: dtype}.
         device: "auto" | "cpu" | "cuda" | "cuda:N" | torch.device where kernels run.
         output_device: where results are handed to the sink ("cpu", or the compute device to
@@ -190,8 +259,12 @@ def run_specs(
         source_dtypes: {source name: dtype}; with a ``fetch_source`` accepting ``out=`` the CUDA
             path then reads each source straight into a pinned buffer (no pageable bounce).
     Returns:
-        stage times in seconds {"read", "compute", "sink", "wall"} (CPU path; stages overlap, so
-        the largest one bounds the wall time: that is the bottleneck to report).
+        stage times in seconds (stages overlap, so the largest one bounds the wall time: that is
+        the bottleneck to report). CPU path: {"read", "compute", "sink", "wall"}. CUDA path:
+        {"read" (fetch into pinned buffers), "h2d", "compute" (the compute stream's time per
+        tensor), "d2h" (device time, summed over tensors, from CUDA events), "host_copy" (pinned
+        -> pageable, ``copy_out=True``), "sink", "wall"} and "pinned_bytes" (page-locked host
+        memory held, ``pinned_plan``).
     """
     specs = list(specs)
     dev = resolve_device(device)
@@ -309,54 +382,147 @@ def _run_cpu(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, 
     return stats
 
 
+class _Buf:
+    """A page-locked host buffer and the event of the last device copy that uses it (or None)."""
+
+    __slots__ = ("t", "ready")
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.ready = t, None
+
+
+class _PinnedPool:
+    """A free-list of page-locked host buffers of one size. ``take`` waits (in the calling thread)
+    for the buffer's last copy before handing it out and grows it when a tensor needs more than
+    the planned size (a dtype the caller did not announce); ``give`` returns it with the event of
+    the copy now using it, without waiting."""
+
+    def __init__(self, cu, count: int, nbytes: int):
+        self.cu, self.free, self.lock = cu, queue.Queue(), threading.Lock()
+        self.bufs: list[_Buf] = []
+        self.peak = 0
+        for _ in range(count):
+            self.free.put(self._new(nbytes))
+
+    def _new(self, nbytes: int) -> _Buf:
+        buf = _Buf(self.cu.pinned(nbytes))
+        with self.lock:
+            self.bufs.append(buf)
+            self.peak = max(self.peak, self.nbytes)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.t.numel() for b in self.bufs)
+
+    def take(self, need: int, abort: threading.Event) -> _Buf:
+        buf = _get(self.free, abort)
+        if buf.ready is not None:
+            buf.ready.synchronize()
+            buf.ready = None
+        if buf.t.numel() < need:
+            with self.lock:
+                self.bufs.remove(buf)
+            self.cu.unpin(buf.t)
+            buf = self._new(need)
+        return buf
+
+    def give(self, buf: _Buf, ready=None) -> None:
+        buf.ready = ready
+        self.free.put(buf)
+
+    def close(self) -> None:
+        with self.lock:
+            bufs, self.bufs = self.bufs, []
+        for b in bufs:
+            self.cu.unpin(b.t)
+
+
+def _out_dtype(spec, dtype, source_dtypes) -> torch.dtype | None:
+    """The dtype ``spec.execute`` will return (``_execute``'s rule), None when it cannot be known."""
+    d = dtype.get(spec.name) if isinstance(dtype, dict) else dtype
+    if d is not None:
+        return d
+    if spec.source is None:
+        return torch.float32 if getattr(spec, "fill", None) is not None else None
+    return source_dtypes.get(spec.source)
+
+
+def pinned_plan(specs, *, dtype=None, source_dtypes=None, prefetch: int = 1, max_live_targets: int = 2,
+                host_targets: bool = True) -> dict:
+    """The page-locked host memory ``run_specs`` on CUDA takes for these specs, planned from the
+    dtypes (tensors of unknown dtype are planned at 4 bytes per element and their buffer grows if
+    needed): {"source_buffers", "source_bytes", "target_buffers", "target_bytes", "total"} with
+    the per-buffer sizes rounded up to a page, as allocated."""
+    source_dtypes = source_dtypes or {}
+    src = tgt = 0
+    for s in specs:
+        if s.source is not None:
+            src = max(src, _nbytes(s.source_shape, source_dtypes.get(s.source, torch.float32)))
+        elif getattr(s, "fill", None) is not None:
+            src = max(src, _nbytes(s.source_shape, _out_dtype(s, dtype, source_dtypes)))
+        tgt = max(tgt, _nbytes(s.target_shape, _out_dtype(s, dtype, source_dtypes) or torch.float32))
+    page = lambda n: max(_PAGE, -(-n // _PAGE) * _PAGE)  # noqa: E731
+    n_src, n_tgt = max(1, prefetch) + 1, (max(1, max_live_targets) if host_targets else 0)
+    plan = {"source_buffers": n_src, "source_bytes": page(src), "target_buffers": n_tgt, "target_bytes": page(tgt)}
+    plan["total"] = n_src * plan["source_bytes"] + n_tgt * plan["target_bytes"]
+    return plan
+
+
 def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch, max_live_targets,
               copy_out, output_device, source_dtypes):
-    """CUDA pipeline: pinned staging + three CUDA streams + reader/writer threads (see module doc)."""
-    import math
+    """CUDA pipeline: pinned staging + three CUDA streams + reader/writer threads (see module doc).
+    The main thread (this one) only queues copies and kernels; the reader and the writer are the
+    threads that wait for device events."""
+    from .. import ops
 
     cu = _cuda_calls
     abort = threading.Event()
+    t_start = time.perf_counter()
+    consumer = cu.current_stream(dev)
     h2d, comp, d2h = (cu.new_stream(dev) for _ in range(3))
     accepts_out = _fetch_accepts_out(fetch_source)
-    n_src = max(1, prefetch) + 1
-    src_bytes = max([0] + [_nbytes(s.source_shape, source_dtypes.get(s.source, torch.float32))
-                           for s in specs if s.source is not None])
-    # Pinned source buffers, a free-list: the reader takes one, the compute loop returns it once
-    # the H2D copy reading it has completed (event).
-    src_pool: queue.Queue = queue.Queue()
-    for _ in range(n_src):
-        src_pool.put(cu.pinned(max(src_bytes, 1)))
     keep_on_device = output_device.type == "cuda"
-    tgt_pool: queue.Queue = queue.Queue()
-    if not keep_on_device and not copy_out:
-        tgt_bytes = max([1] + [math.prod(s.target_shape) * 8 for s in specs])  # 8: widest dtype
-        for _ in range(max(1, max_live_targets)):
-            tgt_pool.put(cu.pinned(tgt_bytes))
+    pinned_results = copy_out and not keep_on_device and _PINNED_RESULTS
+    plan = pinned_plan(specs, dtype=dtype, source_dtypes=source_dtypes, prefetch=prefetch,
+                       max_live_targets=max_live_targets, host_targets=not keep_on_device and not pinned_results)
+    stats = {"read": 0.0, "h2d": 0.0, "compute": 0.0, "d2h": 0.0, "host_copy": 0.0, "sink": 0.0, "wall": 0.0}
+    pools: list[_PinnedPool] = []
     live = threading.Semaphore(max(1, max_live_targets))
     q_in: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     q_out: queue.Queue = queue.Queue()
 
     def read():
         for spec in specs:
-            if spec.source is None:
-                _put(q_in, (spec, None, None), abort)
+            if getattr(spec, "row_map", None) is not None and spec.row_map.device.type == "cpu":
+                ops.prepare_maps(spec.row_map, spec.col_map)  # host digest, off the main thread
+            fill = getattr(spec, "fill", None)
+            if spec.source is None and fill is None:
+                _put(q_in, (spec, None, None), abort)  # spec.execute names the missing tensor
                 continue
-            buf = _get(src_pool, abort)
-            shape, sdt = tuple(spec.source_shape), source_dtypes.get(spec.source)
-            if accepts_out and sdt is not None:
-                need = _nbytes(shape, sdt)
-                if buf.numel() < need:  # pool sized for fp32 when dtypes are unknown: grow once
-                    buf = cu.pinned(need)
-                view = buf[:need].view(sdt).view(shape)
+            shape = tuple(spec.source_shape)
+            sdt = source_dtypes.get(spec.source) if spec.source is not None else _out_dtype(spec, dtype, {})
+            if spec.source is None:  # a constant (Post-LN identity norm): built in the pinned buffer
+                buf = src_pool.take(_nbytes(shape, sdt), abort)
+                t0 = time.perf_counter()
+                view = buf.t[:_nbytes(shape, sdt)].view(sdt).view(shape)
+                view.fill_(fill)
+            elif accepts_out and sdt is not None:
+                buf = src_pool.take(_nbytes(shape, sdt), abort)  # waits for the copy that last read it
+                t0 = time.perf_counter()
+                view = buf.t[:_nbytes(shape, sdt)].view(sdt).view(shape)
                 fetch_source(spec.source, out=view)
             else:
+                t0 = time.perf_counter()
                 t = fetch_source(spec.source)
                 need = t.numel() * t.element_size()
-                if buf.numel() < need:
-                    buf = cu.pinned(need)
-                view = buf[:need].view(t.dtype).view(t.shape)
+                t1 = time.perf_counter()
+                buf = src_pool.take(need, abort)
+                t0 += time.perf_counter() - t1  # not the wait for a free buffer
+                view = buf.t[:need].view(t.dtype).view(t.shape)
                 view.copy_(t)
                 del t
+            stats["read"] += time.perf_counter() - t0
             _put(q_in, (spec, view, buf), abort)
         _put(q_in, _STOP, abort)
 
@@ -365,60 +531,95 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
             item = _get(q_out, abort)
             if item is _STOP:
                 return
-            spec, t, ev, buf = item
+            spec, t, ev_done, tbuf, evs = item
             item = None
-            ev.synchronize()
+            ev_done.synchronize()
+            for key, (e0, e1) in evs.items():
+                stats[key] += cu.elapsed(e0, e1)
+            if keep_on_device:
+                # made on the private compute stream: order the caller's stream after the kernel and
+                # keep the allocator from reusing the memory while the caller's stream reads it
+                consumer.wait_event(ev_done)
+                cu.keep_until_done(t, consumer)
+            elif copy_out and tbuf is not None:
+                t0 = time.perf_counter()
+                owned = torch.empty(t.shape, dtype=t.dtype)
+                owned.copy_(t)
+                stats["host_copy"] += time.perf_counter() - t0
+                t = owned
+                tgt_pool.give(tbuf)
+                tbuf = None
+            t0 = time.perf_counter()
             sink(spec, t)
+            stats["sink"] += time.perf_counter() - t0
             del t
-            if buf is not None:
-                tgt_pool.put(buf)
+            if tbuf is not None:
+                tgt_pool.give(tbuf)
             live.release()
 
     reader = _Stage("lemon-read", read, abort)
     writer = _Stage("lemon-write", write, abort)
-    reader.start()
-    writer.start()
     try:
+        src_pool = _PinnedPool(cu, plan["source_buffers"], plan["source_bytes"])
+        pools.append(src_pool)
+        tgt_pool = _PinnedPool(cu, plan["target_buffers"], plan["target_bytes"])
+        pools.append(tgt_pool)
+        reader.start()
+        writer.start()
         while True:
             item = _get(q_in, abort)
             if item is _STOP:
                 break
             spec, host, buf = item
             item = None
+            evs = {}
             src_dev = None
             if host is not None:
                 with cu.use_stream(h2d):
+                    e0 = cu.new_event(True)
+                    e0.record(h2d)
                     src_dev = cu.to_device(host, dev)
-                    ev_h2d = cu.new_event()
+                    ev_h2d = cu.new_event(True)
                     ev_h2d.record(h2d)
+                evs["h2d"] = (e0, ev_h2d)
+                src_pool.give(buf, ev_h2d)  # the reader waits for this copy before refilling it
                 comp.wait_event(ev_h2d)
                 cu.keep_until_done(src_dev, comp)  # allocated on h2d, used on comp
+            del host, buf
             _acquire(live, abort)
+            out_dtype = _out_dtype(spec, dtype, source_dtypes) or (src_dev.dtype if src_dev is not None else None)
             with cu.use_stream(comp):
-                out = _execute(spec, src_dev, seed=seed, dtype=dtype, device=dev, backend=backend)
-                ev_k = cu.new_event()
+                k0 = cu.new_event(True)
+                k0.record(comp)
+                out = cu.launch(lambda spec=spec, src=src_dev: _execute(spec, src, seed=seed, dtype=dtype, device=dev,
+                                                                        backend=backend),
+                                tuple(spec.target_shape), out_dtype)
+                ev_k = cu.new_event(True)
                 ev_k.record(comp)
-            if buf is not None:
-                ev_h2d.synchronize()  # the pinned source buffer may be reused once H2D is done
-                src_pool.put(buf)
-            del host, src_dev
+            evs["compute"] = (k0, ev_k)
+            del src_dev
             if keep_on_device:
-                q_out.put((spec, out, ev_k, None))
+                q_out.put((spec, out, ev_k, None, evs))
+                del out
                 continue
+            need = out.numel() * out.element_size()
+            tbuf = None if pinned_results else tgt_pool.take(need, abort)  # waits for the writer only
             d2h.wait_event(ev_k)
             with cu.use_stream(d2h):
-                if copy_out:
-                    host_out = cu.pinned(out.shape, out.dtype)
-                    tbuf = None
+                d0 = cu.new_event(True)
+                d0.record(d2h)
+                if tbuf is None:
+                    host_out = cu.pinned_tensor(out.shape, out.dtype)
                 else:
-                    tbuf = _get(tgt_pool, abort)
-                    host_out = tbuf[: out.numel() * out.element_size()].view(out.dtype).view(out.shape)
+                    host_out = tbuf.t[:need].view(out.dtype).view(out.shape)
                 cu.copy_to_host(host_out, out)
                 cu.keep_until_done(out, d2h)
-                ev_out = cu.new_event()
+                ev_out = cu.new_event(True)
                 ev_out.record(d2h)
+            evs["d2h"] = (d0, ev_out)
             del out
-            q_out.put((spec, host_out, ev_out, tbuf))
+            q_out.put((spec, host_out, ev_out, tbuf, evs))
+            del host_out, tbuf
         q_out.put(_STOP)
     except _Abort:
         pass
@@ -426,14 +627,24 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
         abort.set()
         raise
     finally:
-        writer.join() if not abort.is_set() else None
-        abort.set()
-        reader.join()
-        writer.join()
+        if writer.ident and not abort.is_set():
+            writer.join()
+        abort.set()  # release a reader blocked on a full queue
+        for st in (reader, writer):
+            if st.ident:
+                st.join()
+        try:  # no copy may still be reading or writing a buffer we unpin
+            for st in (h2d, comp, d2h):
+                st.synchronize()
+        finally:
+            stats["pinned_bytes"] = sum(p.peak for p in pools)
+            for p in pools:
+                p.close()
     for st in (reader, writer):
         if st.error is not None:
             raise st.error
-    return {}
+    stats["wall"] = time.perf_counter() - t_start
+    return stats
 
 
 def _nbytes(shape, dtype) -> int:
