@@ -13,6 +13,7 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
+    """max |reference - value| / max |reference| (the measure of every lossless check)."""
     return ((reference - value).abs().max() / reference.abs().max()).item()
 
 
@@ -63,19 +64,26 @@ def vit_config(**overrides):
     return tf.ViTConfig(**base)
 
 
-def build(model_class, config, dtype=torch.float64, seed=0):
+def build(model_class, config, dtype=torch.float64, seed=0, scale=0.05):
+    """A seeded random ``model_class(config)`` in ``dtype``, eval mode, every parameter perturbed
+    by N(0, scale) (random init leaves norms at 1 / 0: perturbed, each rule is exercised)."""
     torch.manual_seed(seed)
     model = model_class(config).to(dtype).eval()
-    # Random init leaves norms at 1/0: perturb every parameter so each rule is exercised.
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * scale)
     return model
 
 
-def token_batch(seed=1, batch=2, length=7):
+def bf16_state_dict(model) -> dict:
+    """``model``'s state dict rounded to bfloat16: a bf16 checkpoint of it."""
+    return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+
+
+def token_batch(seed=1, batch=2, length=7, vocab=VOCAB):
+    """Seeded random token ids, (batch, length), below ``vocab``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, length), generator=g)
+    return torch.randint(0, vocab, (batch, length), generator=g)
 
 
 def image_batch(seed=1, dtype=torch.float64):

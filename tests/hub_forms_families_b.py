@@ -1,6 +1,6 @@
 """Tiny checkpoints in the on-disk form of allenai/OLMo-2-0425-1B, google/gemma-2-2b and
-google/gemma-3-1b-pt, plus the tiny random models and checks the family tests share
-(tests/test_family_olmo2.py, tests/test_family_gemma.py).
+google/gemma-3-1b-pt (tests/test_family_olmo2.py, tests/test_family_gemma.py; their checks:
+tests/family_checks.py).
 
 Each ``make_*`` writes a directory whose tensor names, dtypes, file layout and config.json keys
 are those of the named Hub checkpoint (sizes tiny, weights random and seeded) and returns a
@@ -35,16 +35,11 @@ What the Hub checkpoints hold (the names are the transformers classes' own; none
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from hub_forms import HubForm, _load_reference, _Rand, _token_inputs, _write_json, write_tensors
-
-VOCAB = 96
-HIDDEN = 32
-POSITIONS = 64
+from hub_forms import HIDDEN, POSITIONS, VOCAB, HubForm, _Rand, causal_lm_form, decoder_tensors, grown, write_checkpoint
 
 
 @dataclass
@@ -58,8 +53,11 @@ class FamilyForm(HubForm):
         return self.tol
 
 
-def _sizes(layers: int) -> dict:
-    return dict(hidden_size=2 * HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=layers + 1)
+def _family_form(name, path, model_class, sd, fmt, dtype, layers, ffn, typo, source, tol=1e-6) -> FamilyForm:
+    """The FamilyForm of a directory written below: grown to 2x hidden and FFN, one layer more."""
+    return causal_lm_form(name=name, path=path, model_class=model_class, sd=sd, fmt=fmt, storage_dtype=dtype,
+                          sizes=grown(ffn=ffn, layers=layers), typo=typo, source=source, form_class=FamilyForm,
+                          tol=tol)
 
 
 # -- OLMo 2 -----------------------------------------------------------------------------------------
@@ -69,27 +67,11 @@ OLMO2_LAYERS, OLMO2_HEADS = 2, 4
 
 def make_olmo2_0425_1b(root: str, seed: int = 20) -> FamilyForm:
     path = os.path.join(root, "olmo2_0425_1b")
-    r = _Rand(seed)
     h, f = HIDDEN, 2 * HIDDEN
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, h, std=0.5)
-    for i in range(OLMO2_LAYERS):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = r.w(h, h, std=0.3)
-        sd[p + "self_attn.k_proj.weight"] = r.w(h, h, std=0.3)
-        sd[p + "self_attn.v_proj.weight"] = r.w(h, h, std=0.3)
-        sd[p + "self_attn.o_proj.weight"] = r.w(h, h, std=0.3)
-        sd[p + "self_attn.q_norm.weight"] = r.gain(h)
-        sd[p + "self_attn.k_norm.weight"] = r.gain(h)
-        sd[p + "mlp.gate_proj.weight"] = r.w(f, h, std=0.3)
-        sd[p + "mlp.up_proj.weight"] = r.w(f, h, std=0.3)
-        sd[p + "mlp.down_proj.weight"] = r.w(h, f, std=0.3)
-        sd[p + "post_attention_layernorm.weight"] = r.gain(h)
-        sd[p + "post_feedforward_layernorm.weight"] = r.gain(h)
-    sd["model.norm.weight"] = r.gain(h)
-    sd["lm_head.weight"] = r.w(VOCAB, h, std=0.3)
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), {
+    sd = decoder_tensors(_Rand(seed), layers=OLMO2_LAYERS, heads=OLMO2_HEADS, kv_heads=OLMO2_HEADS,
+                         head_dim=h // OLMO2_HEADS, qk_norm=True, qk_norm_over="projection",
+                         norms=("post_attention_layernorm", "post_feedforward_layernorm"), lm_head=True)
+    write_checkpoint(path, sd, "safetensors", {
         "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "eos_token_id": VOCAB - 2, "hidden_act": "silu", "hidden_size": h, "initializer_range": 0.02,
         "intermediate_size": f, "max_position_embeddings": POSITIONS, "model_type": "olmo2",
@@ -99,40 +81,20 @@ def make_olmo2_0425_1b(root: str, seed: int = 20) -> FamilyForm:
         "use_cache": True, "vocab_size": VOCAB})
     from transformers import Olmo2ForCausalLM
 
-    model, info = _load_reference(Olmo2ForCausalLM, path)
-    return FamilyForm(
-        name="olmo2_0425_1b", path=path, model_class=Olmo2ForCausalLM, model=model, storage_dtype=torch.float32,
-        fmt="safetensors", derived=[], aliases={}, sizes=_sizes(OLMO2_LAYERS), outputs=("logits",),
-        make_inputs=_token_inputs(VOCAB), typo=("model.layers.0.self_attn.q_norm.weight",
-                                                "model.layers.0.self_attn.q_nrom.weight"),
-        source="allenai/OLMo-2-0425-1B model.safetensors (float32, untied lm_head)", load_info=info)
+    return _family_form("olmo2_0425_1b", path, Olmo2ForCausalLM, sd, "safetensors", torch.float32, OLMO2_LAYERS, f,
+                        ("model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.q_nrom.weight"),
+                        "allenai/OLMo-2-0425-1B model.safetensors (float32, untied lm_head)")
 
 
 # -- Gemma 2 / Gemma 3 ------------------------------------------------------------------------------
 
 def _gemma_tensors(r: _Rand, *, layers: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
-                   qk_norm: bool, dtype) -> "OrderedDict[str, torch.Tensor]":
+                   qk_norm: bool, dtype):
     """Gemma*ForCausalLM state-dict order; norm weights are the w of x * (1 + w) (near 0)."""
-    h = HIDDEN
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, h, std=0.5)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = r.w(heads * head_dim, h, std=0.3)
-        sd[p + "self_attn.k_proj.weight"] = r.w(kv_heads * head_dim, h, std=0.3)
-        sd[p + "self_attn.v_proj.weight"] = r.w(kv_heads * head_dim, h, std=0.3)
-        sd[p + "self_attn.o_proj.weight"] = r.w(h, heads * head_dim, std=0.3)
-        if qk_norm:
-            sd[p + "self_attn.q_norm.weight"] = r.w(head_dim, std=0.2)
-            sd[p + "self_attn.k_norm.weight"] = r.w(head_dim, std=0.2)
-        sd[p + "mlp.gate_proj.weight"] = r.w(ffn, h, std=0.3)
-        sd[p + "mlp.up_proj.weight"] = r.w(ffn, h, std=0.3)
-        sd[p + "mlp.down_proj.weight"] = r.w(h, ffn, std=0.3)
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            sd[p + norm + ".weight"] = r.w(h, std=0.2)
-    sd["model.norm.weight"] = r.w(h, std=0.2)
-    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+    return decoder_tensors(r, layers=layers, ffn=ffn, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           qk_norm=qk_norm, norms=("input_layernorm", "post_attention_layernorm",
+                                                   "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                           norm_weight=lambda n: r.w(n, std=0.2), dtype=dtype)
 
 
 GEMMA2_LAYERS, GEMMA2_HEADS, GEMMA2_KV, GEMMA2_HEAD_DIM = 2, 4, 2, 16
@@ -143,8 +105,7 @@ def make_gemma2_2b(root: str, seed: int = 21) -> FamilyForm:
     ffn = 4 * HIDDEN
     sd = _gemma_tensors(_Rand(seed), layers=GEMMA2_LAYERS, heads=GEMMA2_HEADS, kv_heads=GEMMA2_KV,
                         head_dim=GEMMA2_HEAD_DIM, ffn=ffn, qk_norm=False, dtype=torch.float32)
-    write_tensors(path, sd, "sharded", n_shards=3)
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, "sharded", n_shards=3, config={
         "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
         "final_logit_softcapping": 30.0, "head_dim": GEMMA2_HEAD_DIM, "hidden_act": "gelu_pytorch_tanh",
@@ -156,14 +117,10 @@ def make_gemma2_2b(root: str, seed: int = 21) -> FamilyForm:
         "vocab_size": VOCAB})
     from transformers import Gemma2ForCausalLM
 
-    model, info = _load_reference(Gemma2ForCausalLM, path)
-    return FamilyForm(
-        name="gemma2_2b", path=path, model_class=Gemma2ForCausalLM, model=model, storage_dtype=torch.float32,
-        fmt="sharded", derived=[], aliases={}, sizes=dict(_sizes(GEMMA2_LAYERS), intermediate_size=2 * ffn),
-        outputs=("logits",), make_inputs=_token_inputs(VOCAB),
-        typo=("model.layers.0.pre_feedforward_layernorm.weight", "model.layers.0.pre_feedforward_layernrom.weight"),
-        source="google/gemma-2-2b (3 float32 shards, tied head not stored, config.json without layer_types)",
-        load_info=info)
+    return _family_form(
+        "gemma2_2b", path, Gemma2ForCausalLM, sd, "sharded", torch.float32, GEMMA2_LAYERS, ffn,
+        ("model.layers.0.pre_feedforward_layernorm.weight", "model.layers.0.pre_feedforward_layernrom.weight"),
+        "google/gemma-2-2b (3 float32 shards, tied head not stored, config.json without layer_types)")
 
 
 GEMMA3_LAYERS, GEMMA3_HEADS, GEMMA3_KV, GEMMA3_HEAD_DIM = 6, 4, 1, 16
@@ -177,8 +134,7 @@ def make_gemma3_1b_pt(root: str, seed: int = 22) -> FamilyForm:
     ffn = 6 * HIDDEN  # 6912 = 6 x 1152
     sd = _gemma_tensors(_Rand(seed), layers=GEMMA3_LAYERS, heads=GEMMA3_HEADS, kv_heads=GEMMA3_KV,
                         head_dim=GEMMA3_HEAD_DIM, ffn=ffn, qk_norm=True, dtype=torch.bfloat16)
-    write_tensors(path, sd, "safetensors")
-    _write_json(os.path.join(path, "config.json"), {
+    write_checkpoint(path, sd, "safetensors", {
         "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
         "final_logit_softcapping": None, "head_dim": GEMMA3_HEAD_DIM, "hidden_activation": "gelu_pytorch_tanh",
@@ -190,74 +146,8 @@ def make_gemma3_1b_pt(root: str, seed: int = 22) -> FamilyForm:
         "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": VOCAB})
     from transformers import Gemma3ForCausalLM
 
-    model, info = _load_reference(Gemma3ForCausalLM, path)
-    return FamilyForm(
-        name="gemma3_1b_pt", path=path, model_class=Gemma3ForCausalLM, model=model, storage_dtype=torch.bfloat16,
-        fmt="safetensors", derived=[], aliases={}, sizes=dict(_sizes(GEMMA3_LAYERS), intermediate_size=2 * ffn),
-        outputs=("logits",), make_inputs=_token_inputs(VOCAB),
-        typo=("model.layers.0.self_attn.k_norm.weight", "model.layers.0.self_attn.k_nrom.weight"),
-        source="google/gemma-3-1b-pt model.safetensors (bfloat16, tied head not stored, sliding_window_pattern 6)",
-        load_info=info, tol=GEMMA3_BF16_TOLERANCE)
-
-
-# -- shared checks ----------------------------------------------------------------------------------
-
-def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
-    return ((reference.double() - value.double()).abs().max() / reference.double().abs().max()).item()
-
-
-def group_sums(spec, split_tensor, unsplit_tensor):
-    """fp32 sums of the stored parts of every split group and the stored unsplit values they must
-    equal (as tests/test_engine_storage.py: columns sharing a source column form a group)."""
-    t = split_tensor.reshape(-1, split_tensor.shape[-1]) if not spec.transpose else split_tensor.t()
-    u = unsplit_tensor.reshape(t.shape) if not spec.transpose else unsplit_tensor.t()
-    cols = spec.col_map
-    valid = cols >= 0
-    src_cols = cols[valid]
-    sums = torch.zeros(t.shape[0], int(src_cols.max()) + 1, dtype=torch.float32)
-    sums.index_add_(1, src_cols, t[:, valid].float())
-    expected = torch.zeros_like(sums)
-    expected[:, src_cols] = u[:, valid].float()
-    return sums, expected
-
-
-def assert_bf16_groups_exact(plan, sd) -> int:
-    """Every split group of every spec sums in fp32 to the stored unsplit value (zero for the
-    cancelling splits of new layers); returns the number of split tensors checked."""
-    checked = 0
-    for spec in plan.specs:
-        if spec.split == "none":
-            continue
-        src = sd[spec.source]
-        split = spec.execute(src, seed=3)
-        assert split.dtype == torch.bfloat16, spec.name
-        unsplit = spec.execute(src, seed=3, split="none")
-        sums, expected = group_sums(spec, split, unsplit)
-        if spec.split.startswith("cancel"):
-            expected = torch.zeros_like(expected)
-        assert torch.equal(sums, expected), spec.name
-        checked += 1
-    return checked
-
-
-def assert_rows_distinct(weight: torch.Tensor, name: str) -> None:
-    """No two rows (FFN neurons) of an up / gate weight are identical."""
-    w = weight.detach().double()
-    d = torch.cdist(w, w)
-    d.fill_diagonal_(float("inf"))
-    assert float(d.min()) > 0, f"{name}: two FFN neurons are identical"
-
-
-def perturbed(model_class, config, dtype=torch.float64, seed=0):
-    """The model with every parameter perturbed (norms off their init), in ``dtype``, eval mode."""
-    torch.manual_seed(seed)
-    model = model_class(config).to(dtype).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def tokens(seed=1, batch=2, length=9, vocab=50):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
+    return _family_form(
+        "gemma3_1b_pt", path, Gemma3ForCausalLM, sd, "safetensors", torch.bfloat16, GEMMA3_LAYERS, ffn,
+        ("model.layers.0.self_attn.k_norm.weight", "model.layers.0.self_attn.k_nrom.weight"),
+        "google/gemma-3-1b-pt model.safetensors (bfloat16, tied head not stored, sliding_window_pattern 6)",
+        tol=GEMMA3_BF16_TOLERANCE)

@@ -31,73 +31,59 @@ merges ``experts.*.w1`` / ``w3`` into ``experts.gate_up_proj`` and ``experts.*.w
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import torch
 
-from hub_forms import VOCAB, HubForm, _Rand, _token_inputs, _write_json, is_derived, write_tensors
+import hub_forms
+from hub_forms import (HEADS, HIDDEN, KV_HEADS, LAYERS, POSITIONS, VOCAB, HubForm, _Rand, causal_lm_form,
+                       decoder_tensors, grown, swiglu_tensors, write_checkpoint)
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, POSITIONS = 32, 2, 4, 2, 64
 EXPERTS, TOP_K = 4, 2
 EXPERT_FFN = 12  # moe_intermediate_size (Qwen) / intermediate_size (Mixtral: 24 below)
 
 
 def load_reference(model_class, path: str, dtype=torch.float64):
-    """from_pretrained in float64 with the eager experts (grouped_mm has no float64); transformers
-    must load the directory with nothing missing, unexpected or mismatched."""
-    model, info = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                              experts_implementation="eager")
-    problems = {k: sorted(v) for k, v in info.items() if v}
-    if problems:
-        raise AssertionError(f"{path}: transformers does not load this fixture cleanly: {problems}")
-    return model.eval(), info
+    """from_pretrained in ``dtype`` (float64) with the eager experts (grouped_mm has no float64);
+    transformers must load the directory with nothing missing, unexpected or mismatched."""
+    return hub_forms.load_reference(model_class, path, dtype=dtype, tolerate=None, experts_implementation="eager")
 
 
-def _attention(r: _Rand, sd, p: str, *, head_dim: int, heads: int, kv_heads: int, biases: bool, qk_norm: bool):
-    sd[p + "self_attn.q_proj.weight"] = r.w(heads * head_dim, HIDDEN)
-    if biases:
-        sd[p + "self_attn.q_proj.bias"] = r.w(heads * head_dim)
-    sd[p + "self_attn.k_proj.weight"] = r.w(kv_heads * head_dim, HIDDEN)
-    if biases:
-        sd[p + "self_attn.k_proj.bias"] = r.w(kv_heads * head_dim)
-    sd[p + "self_attn.v_proj.weight"] = r.w(kv_heads * head_dim, HIDDEN)
-    if biases:
-        sd[p + "self_attn.v_proj.bias"] = r.w(kv_heads * head_dim)
-    sd[p + "self_attn.o_proj.weight"] = r.w(HIDDEN, heads * head_dim)
-    if qk_norm:
-        sd[p + "self_attn.q_norm.weight"] = r.gain(head_dim)
-        sd[p + "self_attn.k_norm.weight"] = r.gain(head_dim)
+def _moe_checkpoint(path: str, seed: int, config: dict, mlp, *, head_dim: int = HIDDEN // HEADS,
+                    kv_heads: int = KV_HEADS, biases: bool = False, qk_norm: bool = False):
+    """Write a bf16 MoE checkpoint in three safetensors shards + index: Llama-like layers (weights
+    N(0, 0.1), untied lm_head) whose MLP is ``mlp(r, sd, layer_prefix)``; returns its state dict."""
+    sd = decoder_tensors(_Rand(seed), heads=HEADS, kv_heads=kv_heads, head_dim=head_dim, biases=biases,
+                         qk_norm=qk_norm, mlp=mlp, lm_head=True, std=0.1, embed_std=0.1, dtype=torch.bfloat16)
+    write_checkpoint(path, sd, "sharded", config, n_shards=3)
+    return sd
+
+
+def _qwen_experts(r: _Rand, sd, p: str) -> None:
+    """A Qwen-MoE sparse block on disk: the router ``mlp.gate`` and one SwiGLU per expert."""
+    sd[p + "mlp.gate.weight"] = r.w(EXPERTS, HIDDEN, std=0.5)
+    for e in range(EXPERTS):
+        swiglu_tensors(r, sd, f"{p}mlp.experts.{e}.", hidden=HIDDEN, ffn=EXPERT_FFN, std=0.1)
 
 
 def _causal(name, path, model_class, sd, typo, source, sizes):
-    model, info = load_reference(model_class, path)
-    return HubForm(name=name, path=path, model_class=model_class, model=model, storage_dtype=torch.bfloat16,
-                   fmt="sharded", derived=[k for k in sd if is_derived(k)], aliases={}, sizes=sizes,
-                   outputs=("logits",), make_inputs=_token_inputs(VOCAB), typo=typo, source=source, load_info=info)
+    return causal_lm_form(name=name, path=path, model_class=model_class, sd=sd, fmt="sharded",
+                          storage_dtype=torch.bfloat16, sizes=sizes, typo=typo, source=source, load=load_reference)
 
 
 def make_mixtral_8x7b(root: str, seed: int = 21) -> HubForm:
     """mistralai/Mixtral-8x7B-v0.1: bfloat16, sharded safetensors, ``block_sparse_moe`` per-expert
     names (see the module doc)."""
     path = os.path.join(root, "mixtral_8x7b")
-    ffn, head_dim = 24, HIDDEN // HEADS
-    r = _Rand(seed)
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        _attention(r, sd, p, head_dim=head_dim, heads=HEADS, kv_heads=KV_HEADS, biases=False, qk_norm=False)
+    ffn = 24
+
+    def moe(r: _Rand, sd, p: str) -> None:
         sd[p + "block_sparse_moe.gate.weight"] = r.w(EXPERTS, HIDDEN, std=0.5)
         for e in range(EXPERTS):
             q = f"{p}block_sparse_moe.experts.{e}."
             sd[q + "w1.weight"], sd[q + "w2.weight"], sd[q + "w3.weight"] = \
                 r.w(ffn, HIDDEN), r.w(HIDDEN, ffn), r.w(ffn, HIDDEN)
-        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = r.gain(HIDDEN), r.gain(HIDDEN)
-    sd["model.norm.weight"] = r.gain(HIDDEN)
-    sd["lm_head.weight"] = r.w(VOCAB, HIDDEN)
-    sd = OrderedDict((k, v.to(torch.bfloat16)) for k, v in sd.items())
-    write_tensors(path, sd, "sharded", n_shards=3)
-    _write_json(os.path.join(path, "config.json"), {
+
+    sd = _moe_checkpoint(path, seed, mlp=moe, config={
         "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": ffn,
         "max_position_embeddings": POSITIONS, "model_type": "mixtral", "num_attention_heads": HEADS,
@@ -112,7 +98,7 @@ def make_mixtral_8x7b(root: str, seed: int = 21) -> HubForm:
                    ("model.layers.0.block_sparse_moe.experts.1.w3.weight",
                     "model.layers.0.block_sparse_moe.experts.1.w4.weight"),
                    "mistralai/Mixtral-8x7B-v0.1 (config.json, index, transformers 4.36 MixtralSparseMoeBlock)",
-                   dict(hidden_size=2 * HIDDEN, intermediate_size=2 * ffn, num_hidden_layers=LAYERS + 1))
+                   grown(ffn=ffn))
 
 
 def make_qwen3_30b_a3b(root: str, seed: int = 22) -> HubForm:
@@ -120,23 +106,7 @@ def make_qwen3_30b_a3b(root: str, seed: int = 22) -> HubForm:
     head_dim fixed in the config (heads * head_dim != hidden), q/k norms (see the module doc)."""
     path = os.path.join(root, "qwen3_30b_a3b")
     head_dim, ffn = 16, 48
-    r = _Rand(seed)
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        _attention(r, sd, p, head_dim=head_dim, heads=HEADS, kv_heads=KV_HEADS, biases=False, qk_norm=True)
-        sd[p + "mlp.gate.weight"] = r.w(EXPERTS, HIDDEN, std=0.5)
-        for e in range(EXPERTS):
-            q = f"{p}mlp.experts.{e}."
-            sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"], sd[q + "down_proj.weight"] = \
-                r.w(EXPERT_FFN, HIDDEN), r.w(EXPERT_FFN, HIDDEN), r.w(HIDDEN, EXPERT_FFN)
-        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = r.gain(HIDDEN), r.gain(HIDDEN)
-    sd["model.norm.weight"] = r.gain(HIDDEN)
-    sd["lm_head.weight"] = r.w(VOCAB, HIDDEN)
-    sd = OrderedDict((k, v.to(torch.bfloat16)) for k, v in sd.items())
-    write_tensors(path, sd, "sharded", n_shards=3)
-    _write_json(os.path.join(path, "config.json"), {
+    sd = _moe_checkpoint(path, seed, mlp=_qwen_experts, head_dim=head_dim, qk_norm=True, config={
         "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "bos_token_id": 151643 % VOCAB, "decoder_sparse_step": 1, "eos_token_id": 151645 % VOCAB, "head_dim": head_dim,
         "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": ffn,
@@ -160,27 +130,13 @@ def make_qwen15_moe_a27b(root: str, seed: int = 23) -> HubForm:
     expert and its gate (see the module doc)."""
     path = os.path.join(root, "qwen15_moe_a27b")
     shared = 48
-    r = _Rand(seed)
-    sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = r.w(VOCAB, HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        _attention(r, sd, p, head_dim=HIDDEN // HEADS, heads=HEADS, kv_heads=HEADS, biases=True, qk_norm=False)
-        sd[p + "mlp.gate.weight"] = r.w(EXPERTS, HIDDEN, std=0.5)
-        for e in range(EXPERTS):
-            q = f"{p}mlp.experts.{e}."
-            sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"], sd[q + "down_proj.weight"] = \
-                r.w(EXPERT_FFN, HIDDEN), r.w(EXPERT_FFN, HIDDEN), r.w(HIDDEN, EXPERT_FFN)
-        q = f"{p}mlp.shared_expert."
-        sd[q + "gate_proj.weight"], sd[q + "up_proj.weight"], sd[q + "down_proj.weight"] = \
-            r.w(shared, HIDDEN), r.w(shared, HIDDEN), r.w(HIDDEN, shared)
+
+    def moe(r: _Rand, sd, p: str) -> None:  # the routed experts, then the shared expert and its gate
+        _qwen_experts(r, sd, p)
+        swiglu_tensors(r, sd, p + "mlp.shared_expert.", hidden=HIDDEN, ffn=shared, std=0.1)
         sd[p + "mlp.shared_expert_gate.weight"] = r.w(1, HIDDEN, std=0.5)
-        sd[p + "input_layernorm.weight"], sd[p + "post_attention_layernorm.weight"] = r.gain(HIDDEN), r.gain(HIDDEN)
-    sd["model.norm.weight"] = r.gain(HIDDEN)
-    sd["lm_head.weight"] = r.w(VOCAB, HIDDEN)
-    sd = OrderedDict((k, v.to(torch.bfloat16)) for k, v in sd.items())
-    write_tensors(path, sd, "sharded", n_shards=3)
-    _write_json(os.path.join(path, "config.json"), {
+
+    sd = _moe_checkpoint(path, seed, mlp=moe, kv_heads=HEADS, biases=True, config={
         "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643 % VOCAB,
         "eos_token_id": 151643 % VOCAB, "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02,
         "intermediate_size": shared, "max_position_embeddings": POSITIONS, "max_window_layers": LAYERS,

@@ -4,27 +4,9 @@ import torch
 import transformers as tf
 
 import lemon_ext
-from helpers_engine import build, gpt2_config, llama_family, relative_error, token_batch, vit_config
-
-
-def _group_sums(spec, split_tensor, unsplit_tensor):
-    """fp32 sums of the stored parts of every split group vs the stored unsplit value.
-
-    Both tensors are the op's (R_T, C_T) view: columns sharing a source column form a group.
-    Returns (sums, expected) as (R_T, C_S) float32 tensors over the split columns.
-    """
-    t = split_tensor.reshape(-1, split_tensor.shape[-1]) if not spec.transpose else split_tensor.t()
-    u = unsplit_tensor.reshape(t.shape) if not spec.transpose else unsplit_tensor.t()
-    cols = spec.col_map
-    valid = cols >= 0
-    src_cols = cols[valid]
-    num_src = int(src_cols.max()) + 1
-    sums = torch.zeros(t.shape[0], num_src, dtype=torch.float32)
-    # Sequential fp32 accumulation in column order (index_add_ on CPU adds in index order).
-    sums.index_add_(1, src_cols, t[:, valid].float())
-    expected = torch.zeros_like(sums)
-    expected[:, src_cols] = u[:, valid].float()
-    return sums, expected
+from family_checks import adamw_steps, assert_bf16_split_groups_exact, assert_cpu_backend_bitwise
+from helpers_engine import (bf16_state_dict, build, gpt2_config, llama_family, relative_error, token_batch,
+                            vit_config)
 
 
 def _model(kind):
@@ -39,29 +21,15 @@ def _model(kind):
 @pytest.mark.parametrize("hidden", [64, 48, 96], ids=["2x", "1.5x", "3x"])
 def test_bf16_parts_sum_exactly_to_stored_source(kind, hidden):
     cls, cfg = _model(kind)
-    sd = {k: v.to(torch.bfloat16) for k, v in build(cls, cfg, dtype=torch.float32).state_dict().items()}
-    plan = lemon_ext.plan_expansion(cfg, hidden_size=hidden, intermediate_size=111, num_hidden_layers=5,
-                                    source_shapes={k: v.shape for k, v in sd.items()})
-    checked = 0
-    for spec in plan.specs:
-        if spec.split == "none":
-            continue
-        src = sd[spec.source]
-        split = spec.execute(src, seed=3)
-        assert split.dtype == torch.bfloat16
-        unsplit = spec.execute(src, seed=3, split="none")
-        sums, expected = _group_sums(spec, split, unsplit)
-        if spec.split == "cancel":
-            expected = torch.zeros_like(expected)
-        assert torch.equal(sums, expected), spec.name
-        checked += 1
-    assert checked >= 10
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
+    checked = assert_bf16_split_groups_exact(cfg, sd, hidden_size=hidden, intermediate_size=111, num_hidden_layers=5)
+    assert len(checked) >= 10
 
 
 def test_bf16_model_computed_in_fp32_gives_source_logits():
     cls, cfg = llama_family("gqa")
     model = build(cls, cfg, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    sd = bf16_state_dict(model)
     sd_t, cfg_t = lemon_ext.expand_state_dict(sd, cfg, hidden_size=64, intermediate_size=74, num_hidden_layers=4)
     assert all(v.dtype == torch.bfloat16 for v in sd_t.values())
     source = cls(cfg).float().eval()
@@ -83,12 +51,7 @@ def test_symmetry_after_one_adamw_step(mode, expect_equal):
     cls, cfg = llama_family("gqa")
     source = build(cls, cfg)
     target = lemon_ext.expand_model(source, hidden_size=64, intermediate_size=74, symmetry_breaking=mode)
-    target.train()
-    opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
-    x = token_batch(batch=4, length=12)
-    loss = target(x, labels=x).loss
-    loss.backward()
-    opt.step()
+    adamw_steps(target, token_batch(batch=4, length=12))
     f_s, q_s = cfg.intermediate_size, cfg.hidden_size  # q rows: 4 heads x 8 = 32 rows per copy
     layer = target.model.layers[0]
     pairs = [
@@ -139,13 +102,6 @@ def test_every_symmetry_mode_is_lossless_fp64(mode):
 
 
 def test_backends_give_identical_state_dicts():
-    available = [b for b, why in lemon_ext.backends().items() if why is None and b in ("torch", "cpu")]
-    if len(available) < 2:
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
     cls, cfg = llama_family("gqa")
-    sd = {k: v.to(torch.bfloat16) for k, v in build(cls, cfg, dtype=torch.float32).state_dict().items()}
-    kw = dict(hidden_size=48, intermediate_size=55, num_hidden_layers=3, seed=5)
-    ref, _ = lemon_ext.expand_state_dict(sd, cfg, backend="torch", **kw)
-    for backend in available:
-        out, _ = lemon_ext.expand_state_dict(sd, cfg, backend=backend, **kw)
-        assert all(torch.equal(ref[k], out[k]) for k in ref), backend
+    assert_cpu_backend_bitwise(bf16_state_dict(build(cls, cfg, dtype=torch.float32)), cfg, hidden_size=48,
+                               intermediate_size=55, num_hidden_layers=3)

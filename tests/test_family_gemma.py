@@ -17,18 +17,18 @@ The math (derived here, checked below in float64):
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import transformers as tf
 
 import lemon_ext
-from hub_forms import read_tensors, rewrite_with
-from hub_forms_families_b import (GEMMA3_BF16_TOLERANCE, assert_bf16_groups_exact, assert_rows_distinct,
-                                  make_gemma2_2b, make_gemma3_1b_pt, perturbed, relative_error, tokens)
-from lemon_ext import LemonError
-from lemon_ext.checkpoint import expand_checkpoint
+from family_checks import (ExpandedForms, adamw_steps, assert_bf16_split_groups_exact, assert_cpu_backend_bitwise,
+                           assert_expand_state_dict_equals_files, assert_ffn_neurons_distinct, assert_new_layer_learns,
+                           assert_typo_refused, check_expanded, layer_io, tokens)
+from helpers_engine import bf16_state_dict, build, relative_error
+from hub_forms import read_tensors
+from hub_forms_families_b import GEMMA3_BF16_TOLERANCE, make_gemma2_2b, make_gemma3_1b_pt
 
 TOL = 1e-5  # Gemma's RMSNorm computes in float32 even in a float64 model (observed <= 1e-6)
 KINDS = ("gemma2", "gemma3")
@@ -60,7 +60,7 @@ GROWTHS = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_lossless_float64(kind, tied, growth):
     cls, cfg = gemma(kind, tie_word_embeddings=tied)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     target = lemon_ext.expand_model(model, **GROWTHS[growth])
     assert target.config.num_attention_heads == 2 * target.config.num_key_value_heads  # group size kept
     x = tokens()
@@ -84,7 +84,7 @@ def test_lossless_with_float64_norms(monkeypatch, kind, tied, growth):
     monkeypatch.setattr(modeling_gemma2.Gemma2RMSNorm, "forward", forward)
     monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", forward)
     cls, cfg = gemma(kind, tie_word_embeddings=tied, attention_bias=not tied)  # q/k/v/o biases
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     target = lemon_ext.expand_model(model, **GROWTHS[growth])
     x = tokens()
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_caps_window_and_scalar_bite_and_are_kept(kind):
     transformers 5 passes no softcap: attn_logit_softcapping is a config field it ignores, null in
     the Gemma 3 uploads.)"""
     cls, cfg = gemma(kind)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     x = tokens(length=9)
     changes = [dict(final_logit_softcapping=None), dict(sliding_window=64), dict(query_pre_attn_scalar=8)]
     if kind == "gemma2":
@@ -119,7 +119,7 @@ def test_caps_window_and_scalar_bite_and_are_kept(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_tied_head_final_norm_compensates_through_one_plus_w(kind):
     cls, cfg = gemma(kind)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     plan = lemon_ext.plan_expansion(cfg, hidden_size=64)
     f_s, f_t = float(torch.tensor(32 ** 0.5)), float(torch.tensor(64 ** 0.5))  # float32: the config's dtype
     ef = f_s / f_t
@@ -139,12 +139,12 @@ def test_layer_types_from_a_config_without_them(kind):
     sliding_window_pattern): after depth growth the target config lists every layer explicitly,
     each new layer with its source layer's type, and the model built from it reproduces the source."""
     cls, cfg = gemma(kind, num_hidden_layers=4 if kind == "gemma2" else 6)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     if kind == "gemma3":
         cfg.sliding_window_pattern = 3  # old configs: every 3rd layer full
         cfg.layer_types = [("full_attention" if (i + 1) % 3 == 0 else "sliding_attention") for i in range(6)]
         model = cls(cfg).double().eval()
-        model.load_state_dict(perturbed(cls, cfg).state_dict())
+        model.load_state_dict(build(cls, cfg).state_dict())
     d = {k: v for k, v in cfg.to_dict().items() if k != "layer_types"}
     sd = model.state_dict()
     same, cfg_same = lemon_ext.expand_state_dict(sd, d, hidden_size=64)
@@ -172,22 +172,11 @@ def test_gemma3_rope_and_pattern_fields_kept():
     assert cfg_t["rope_parameters"]["sliding_attention"]["rope_theta"] == 123.0
 
 
-def _layer_io(model, index, x):
-    seen = {}
-    hook = model.model.layers[index].register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(i=args[0] if args else kwargs["hidden_states"], o=out),
-        with_kwargs=True)
-    with torch.no_grad():
-        model(x)
-    hook.remove()
-    return seen["i"], seen["o"][0] if isinstance(seen["o"], tuple) else seen["o"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_new_layers_add_exactly_zero_in_low_precision(kind, dtype):
     cls, cfg = gemma(kind)
-    model = perturbed(cls, cfg, dtype=torch.float32)
+    model = build(cls, cfg, dtype=torch.float32)
     target = lemon_ext.expand_model(model, hidden_size=64, num_hidden_layers=5).to(dtype)
     plan = lemon_ext.plan_expansion(cfg, hidden_size=64, num_hidden_layers=5)
     new = [layer.index for layer in plan.layers if layer.new]
@@ -196,45 +185,31 @@ def test_new_layers_add_exactly_zero_in_low_precision(kind, dtype):
         layer = target.model.layers[index]
         assert torch.equal(layer.post_attention_layernorm.weight, torch.full((64,), -1.0, dtype=dtype))
         assert torch.equal(layer.post_feedforward_layernorm.weight, torch.full((64,), -1.0, dtype=dtype))
-        inp, out = _layer_io(target, index, tokens(length=9))
+        inp, out = layer_io(target, index, tokens(length=9))
         assert torch.equal(inp, out), index
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_new_layers_learn(kind):
     cls, cfg = gemma(kind)
-    target = lemon_ext.expand_model(perturbed(cls, cfg), hidden_size=64, num_hidden_layers=4)
-    target.train()
-    opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
-    x = tokens(batch=4, length=12)
-    target(x, labels=x).loss.backward()
-    new = target.model.layers[3]
-    assert float(new.post_attention_layernorm.weight.grad.abs().min()) > 0
-    assert float(new.post_feedforward_layernorm.weight.grad.abs().min()) > 0
-    opt.step()
-    opt.zero_grad()
-    target(x, labels=x).loss.backward()
-    for name, p in new.named_parameters():
-        assert p.grad is not None and float(p.grad.abs().max()) > 0, name
+    target = lemon_ext.expand_model(build(cls, cfg), hidden_size=64, num_hidden_layers=4)
+    assert_new_layer_learns(target, 3, tokens(batch=4, length=12))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_symmetry_ffn_neurons_distinct(kind):
     cls, cfg = gemma(kind)
-    target = lemon_ext.expand_model(perturbed(cls, cfg), hidden_size=64, intermediate_size=74, num_hidden_layers=4)
-    for i, layer in enumerate(target.model.layers):
-        assert_rows_distinct(layer.mlp.up_proj.weight, f"layers.{i}.up_proj")
-        assert_rows_distinct(layer.mlp.gate_proj.weight, f"layers.{i}.gate_proj")
+    target = lemon_ext.expand_model(build(cls, cfg), hidden_size=64, intermediate_size=74, num_hidden_layers=4)
+    assert_ffn_neurons_distinct(target)
 
 
 @pytest.mark.parametrize("hidden", [64, 48], ids=["2x", "1.5x"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_parts_sum_exactly_to_stored_source(kind, hidden):
     cls, cfg = gemma(kind)
-    sd = {k: v.to(torch.bfloat16) for k, v in perturbed(cls, cfg, dtype=torch.float32).state_dict().items()}
-    plan = lemon_ext.plan_expansion(cfg, hidden_size=hidden, intermediate_size=111, num_hidden_layers=5,
-                                    source_shapes={k: v.shape for k, v in sd.items()})
-    assert assert_bf16_groups_exact(plan, sd) >= 10
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
+    assert len(assert_bf16_split_groups_exact(cfg, sd, hidden_size=hidden, intermediate_size=111,
+                                              num_hidden_layers=5)) >= 10
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -243,8 +218,8 @@ def test_bf16_run_extra_rounding_is_reported_and_bounded(kind):
     final norm's (1 + w) / (2 ef) are rounded once to bf16; the plan says so, and the expanded
     bf16 weights reproduce the source's bf16 weights (both run in float64) to that rounding."""
     cls, cfg = gemma(kind, dtype="bfloat16")
-    model = perturbed(cls, cfg, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model = build(cls, cfg, dtype=torch.float32)
+    sd = bf16_state_dict(model)
     plan = lemon_ext.plan_expansion(cfg, hidden_size=64, num_hidden_layers=4,
                                     source_shapes={k: v.shape for k, v in sd.items()})
     f_s, f_t = float(torch.tensor(32 ** 0.5, dtype=torch.bfloat16)), 8.0
@@ -274,15 +249,10 @@ def test_bf16_run_extra_rounding_is_reported_and_bounded(kind):
 
 
 def test_backends_cpu_equals_torch_bf16():
-    if lemon_ext.backends().get("cpu") is not None:
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
-    for kind in KINDS:
+    for kind in KINDS:  # 1.5x: eta, 1/k, (1 + w), embed scale
         cls, cfg = gemma(kind, dtype="bfloat16")
-        sd = {k: v.to(torch.bfloat16) for k, v in perturbed(cls, cfg, dtype=torch.float32).state_dict().items()}
-        kw = dict(hidden_size=48, intermediate_size=55, num_hidden_layers=4, seed=5)  # eta, 1/k, (1 + w), embed scale
-        ref, _ = lemon_ext.expand_state_dict(sd, cfg, backend="torch", **kw)
-        out, _ = lemon_ext.expand_state_dict(sd, cfg, backend="cpu", **kw)
-        assert ref.keys() == out.keys() and all(torch.equal(ref[k], out[k]) for k in ref), kind
+        assert_cpu_backend_bitwise(bf16_state_dict(build(cls, cfg, dtype=torch.float32)), cfg, hidden_size=48,
+                                   intermediate_size=55, num_hidden_layers=4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -293,19 +263,14 @@ def test_plan_prints_and_optimizer_state_grows(kind):
     for piece in ("branch_norm_weight", "zero gain (w = -1)", "tied head, scaled embedding", "layers 3->4"):
         assert piece in text, piece
     assert ("qk_norm_head" in text) == (kind == "gemma3")
-    model = perturbed(cls, cfg)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = build(cls, cfg)
     x = tokens(batch=4, length=12)
-    model(x, labels=x).loss.backward()
-    opt.step()
+    opt = adamw_steps(model, x)
     target = lemon_ext.expand_model(model, **kw)
     opt_t = lemon_ext.expand_optimizer_state(opt, model, target, **kw)
     p_s, p_t = model.model.layers[0].input_layernorm.weight, target.model.layers[0].input_layernorm.weight
     assert torch.allclose(opt_t.state[p_t]["exp_avg"], torch.cat([opt.state[p_s]["exp_avg"]] * 2), rtol=1e-12, atol=0)
-    target.train()
-    target(x, labels=x).loss.backward()
-    opt_t.step()
+    adamw_steps(target, x, opt=opt_t)
 
 
 def test_adam_moments_of_offset_norms_keep_precision():
@@ -329,17 +294,9 @@ def test_adam_moments_of_offset_norms_keep_precision():
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("gemma_hub"))
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            form = {"gemma2_2b": make_gemma2_2b, "gemma3_1b_pt": make_gemma3_1b_pt}[name](root)
-            dst = os.path.join(root, "out_" + name)
-            cache[name] = (form, dst, expand_checkpoint(form.path, dst, seed=3, progress=False, **form.sizes))
-        return cache[name]
-
-    return get
+    forms = ExpandedForms(tmp_path_factory.mktemp("gemma_hub"),
+                          {"gemma2_2b": make_gemma2_2b, "gemma3_1b_pt": make_gemma3_1b_pt})
+    return forms.expanded
 
 
 HUB = ("gemma2_2b", "gemma3_1b_pt")
@@ -348,16 +305,10 @@ HUB = ("gemma2_2b", "gemma3_1b_pt")
 @pytest.mark.parametrize("name", HUB)
 def test_hub_form_expands_loads_and_reproduces(hub, name):
     form, dst, report = hub(name)
-    model_t, info = form.model_class.from_pretrained(dst, output_loading_info=True, dtype=torch.float64)
-    assert {k: v for k, v in info.items() if v} == {}
+    _, error = check_expanded(form, dst)
     names_s, names_t = set(read_tensors(form.path)), set(read_tensors(dst))
     assert "lm_head.weight" not in names_t and all(n in names_t for n in names_s)
-    errors = []
-    with torch.no_grad():
-        for seed in (0, 1):
-            x = form.make_inputs(seed)
-            errors.append(relative_error(form.model(**x).logits, model_t.eval()(**x).logits))
-    assert max(errors) <= form.tolerance, errors
+    assert error <= form.tolerance, error
     if form.storage_dtype == torch.bfloat16:  # the bf16 rounding is reported, and only there
         notes = " | ".join(report["plan_summary"]["notes"])
         assert "embeddings scaled by" in notes and "tied head" in notes
@@ -377,19 +328,13 @@ def test_hub_form_layer_types_written_explicitly(hub, name):
 @pytest.mark.parametrize("name", HUB)
 def test_hub_form_expand_state_dict_equals_files(hub, name):
     form, dst, _ = hub(name)
-    sd_t, _ = lemon_ext.expand_state_dict(read_tensors(form.path), form.config, seed=3, **form.sizes)
-    got = read_tensors(dst)
-    assert sorted(got) == sorted(sd_t)
-    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in sd_t.items())
+    assert_expand_state_dict_equals_files(form, dst)
 
 
 @pytest.mark.parametrize("name", HUB)
 def test_hub_form_typo_refused(hub, tmp_path, name):
     form, _, _ = hub(name)
-    old, new = form.typo
-    bad = rewrite_with(form, str(tmp_path / "typo"), {old: new})
-    with pytest.raises(LemonError, match=new.replace(".", r"\.")):
-        lemon_ext.expand_state_dict(read_tensors(bad), form.config, **form.sizes)
+    assert_typo_refused(form, str(tmp_path))
 
 
 def test_triton_interpreted_offset_norm_and_scaled_embedding_specs():
@@ -401,7 +346,7 @@ def test_triton_interpreted_offset_norm_and_scaled_embedding_specs():
     if skip_reason("triton") is not None:
         pytest.skip(f"triton: {skip_reason('triton')}")
     cls, cfg = gemma("gemma3", vocab_size=6, dtype="bfloat16")
-    sd = {k: v.to(torch.bfloat16) for k, v in perturbed(cls, cfg, dtype=torch.float32).state_dict().items()}
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
     plan = lemon_ext.plan_expansion(cfg, hidden_size=48, num_hidden_layers=4,
                                     source_shapes={k: v.shape for k, v in sd.items()})
     picked = [s for s in plan.specs if s.name in ("model.norm.weight", "model.embed_tokens.weight",

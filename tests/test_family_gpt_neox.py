@@ -18,8 +18,11 @@ import pytest
 import torch
 import transformers as tf
 
+import family_checks as C
 import hub_forms_families_a as F
 import lemon_ext
+from helpers_engine import bf16_state_dict, build, relative_error
+from hub_forms import stored_names
 from lemon_ext.arch import SourceSpelling, find_architecture
 
 VOCAB = 64
@@ -39,7 +42,7 @@ def neox_config(parallel: bool = True, tie: bool = False, rotary: float = 0.25, 
 
 
 def model(cls=tf.GPTNeoXForCausalLM, dtype=torch.float64, **cfg):
-    return F.build(cls, neox_config(**cfg), dtype=dtype)
+    return build(cls, neox_config(**cfg), dtype=dtype)
 
 
 # -- lossless in float64 through transformers ------------------------------------------------------
@@ -56,7 +59,7 @@ def test_lossless(size, parallel, tie, rotary, bias):
     assert cfg.use_parallel_residual is parallel and cfg.rope_parameters["partial_rotary_factor"] == rotary
     if tie:
         assert target.lm_head.weight.data_ptr() == target.gpt_neox.embed_in.weight.data_ptr()
-    err = F.lossless_error(source, target, VOCAB)
+    err = C.lossless_error(source, target, VOCAB)
     assert err <= 1e-10, err  # transformers computes GPT-NeoX in float64 throughout
 
 
@@ -66,7 +69,7 @@ def test_lossless(size, parallel, tie, rotary, bias):
 def test_other_modes_and_placements(options):
     source = model(parallel=False)
     target = lemon_ext.expand_model(source, **{**SIZES["1.5x"], **options})
-    assert F.lossless_error(source, target, VOCAB) <= 1e-10
+    assert C.lossless_error(source, target, VOCAB) <= 1e-10
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -75,21 +78,21 @@ def test_stream_is_v_avg_and_output_v_zero(parallel):
     LayerNorm's output is [y, 0 * 16]."""
     source = model(tf.GPTNeoXModel, parallel=parallel)
     target = lemon_ext.expand_model(source, **SIZES["1.5x"])
-    x = F.tokens(VOCAB)
+    x = C.tokens(VOCAB)
     with torch.no_grad():
         a = source(x, output_hidden_states=True)
         b = target(x, output_hidden_states=True)
     out_s, out_t = a.last_hidden_state, b.last_hidden_state
-    assert F.relative_error(out_s, out_t[..., :D]) <= 1e-12
+    assert relative_error(out_s, out_t[..., :D]) <= 1e-12
     assert out_t[..., D:].abs().max() <= 1e-12 * out_s.abs().max()
     # hidden_states: the embeddings, then the stream after each layer but the last (transformers
     # puts the final norm's output last). Target layers 0, 0', 1, 1': the stream after 0 and after
     # 0' is the source's after 0.
     for t, s_index in ((0, 0), (1, 1), (2, 1)):
         h, s = b.hidden_states[t], a.hidden_states[s_index]
-        assert F.relative_error(s, h[..., :D]) <= 1e-12, t
+        assert relative_error(s, h[..., :D]) <= 1e-12, t
         tail = s.mean(dim=-1, keepdim=True).expand(*s.shape[:-1], 16)
-        assert F.relative_error(tail, h[..., D:]) <= 1e-12, t
+        assert relative_error(tail, h[..., D:]) <= 1e-12, t
 
 
 def test_interleaved_qkv_blocks_replicate_whole_heads():
@@ -156,36 +159,33 @@ def test_derived_buffers_dropped_listed_and_printed():
 @pytest.mark.parametrize("size", list(SIZES))
 def test_bf16_every_split_group_sums_to_the_stored_value(size):
     source = model(dtype=torch.float32, tie=True)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    assert F.check_bf16_splits(source.config, sd, SIZES[size]) >= 12
+    assert len(C.assert_bf16_split_groups_exact(source.config, bf16_state_dict(source), **SIZES[size])) >= 12
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_no_two_ffn_neurons_identical(size):
     target = lemon_ext.expand_model(model(), **SIZES[size])
     for layer in target.gpt_neox.layers:
-        F.assert_rows_distinct(layer.mlp.dense_h_to_4h.weight, "dense_h_to_4h")
-        F.assert_rows_distinct(layer.attention.query_key_value.weight, "query_key_value")
+        C.assert_rows_distinct(layer.mlp.dense_h_to_4h.weight, "dense_h_to_4h")
+        C.assert_rows_distinct(layer.attention.query_key_value.weight, "query_key_value")
 
 
 def test_cpu_backend_equals_torch_bitwise_bf16():
     source = model(dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    if not F.check_backends(source.config, sd, SIZES["1.5x"]):
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
+    C.assert_cpu_backend_bitwise(bf16_state_dict(source), source.config, **SIZES["1.5x"])
 
 
 def test_triton_interleaved_bias_within_one_ulp():
     source = model(dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    sd = bf16_state_dict(source)
     plan = lemon_ext.plan_expansion(source.config, **SIZES["1.5x"])
     spec = next(s for s in plan.specs if s.name.endswith("layers.0.attention.query_key_value.bias"))
-    if not F.check_triton_one_tensor(spec, sd[spec.source]):
+    if not C.check_triton_one_tensor(spec, sd[spec.source]):
         pytest.skip(f"triton: {lemon_ext.backends()['triton']}")
 
 
 def test_optimizer_state_grows_with_the_weights():
-    out = F.check_optimizer_state(model(), SIZES["2x"], VOCAB)
+    out = C.check_optimizer_state(model(), SIZES["2x"], VOCAB)
     assert out["moment_tensors_checked"] >= 8
 
 
@@ -205,9 +205,9 @@ def test_plan_prints_the_interleaved_rule():
 @pytest.mark.parametrize("maker", [F.make_pythia, F.make_neox_v5_saved], ids=["pythia", "v5-saved"])
 def test_hub_form(maker, tmp_path):
     form = maker(str(tmp_path))
-    result = F.check_hub_form(form, str(tmp_path))
+    result = C.check_hub_form(form, str(tmp_path), derived=F.is_derived)
     assert result["error"] <= 1e-10, result["error"]
-    out = F.stored_names(result["dst"])
+    out = stored_names(result["dst"])
     assert "embed_out.weight" in out and "lm_head.weight" not in out  # the source's spelling
     if form.name == "pythia":
         assert len(result["dropped"]) == 3 * 2  # three buffers per layer

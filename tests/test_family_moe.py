@@ -20,7 +20,11 @@ import torch
 import transformers as tf
 
 import lemon_ext
-from helpers_engine import VOCAB, build, relative_error, token_batch
+from family_checks import (adamw_steps, assert_bf16_split_groups_exact, assert_cpu_backend_bitwise,
+                           assert_expand_state_dict_equals_files, assert_spelling_kept, assert_typo_refused,
+                           check_expanded)
+from helpers_engine import VOCAB, bf16_state_dict, build, relative_error, token_batch
+from hub_forms import read_tensors
 from hub_forms_families_c import FORMS, load_reference
 from lemon_ext import LemonError
 from lemon_ext.arch import SourceSpelling, find_architecture
@@ -241,39 +245,14 @@ def test_dense_layer_holding_experts_is_refused():
 
 # -- storage dtype, symmetry, backends --------------------------------------------------------------
 
-def _group_sums(spec, split_tensor, unsplit_tensor):
-    """fp32 sums of every split group's stored parts vs the stored unsplit value (the op's view)."""
-    t = split_tensor.reshape(-1, split_tensor.shape[-1])
-    u = unsplit_tensor.reshape(t.shape)
-    cols = spec.col_map
-    valid = cols >= 0
-    src_cols = cols[valid]
-    sums = torch.zeros(t.shape[0], int(src_cols.max()) + 1, dtype=torch.float32)
-    sums.index_add_(1, src_cols, t[:, valid].float())
-    expected = torch.zeros_like(sums)
-    expected[:, src_cols] = u[:, valid].float()
-    return sums, expected
-
-
 @pytest.mark.parametrize("form", ["fused", "per_expert"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_split_groups_sum_exactly(kind, form):
     cls, cfg = moe_config(kind)
-    sd = {k: v.to(torch.bfloat16) for k, v in build(cls, cfg, dtype=torch.float32).state_dict().items()}
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
     if form == "per_expert":
         sd = to_disk_form(kind, sd)
-    plan = lemon_ext.plan_expansion(cfg, source_shapes={k: v.shape for k, v in sd.items()}, **grow(kind))
-    roles = set()
-    for spec in plan.specs:
-        if spec.split == "none":
-            continue
-        split = spec.execute(sd[spec.source], seed=3)
-        assert split.dtype == torch.bfloat16
-        sums, expected = _group_sums(spec, split, spec.execute(sd[spec.source], seed=3, split="none"))
-        if spec.split == "cancel":
-            expected = torch.zeros_like(expected)
-        assert torch.equal(sums, expected), spec.name
-        roles.add(spec.role)
+    roles = {spec.role for spec in assert_bf16_split_groups_exact(cfg, sd, **grow(kind))}
     moe_roles = {"router", "experts_gate_up", "experts_down"} if form == "fused" else \
         {"router", "expert_up_weight", "expert_down_weight"}
     if kind == "qwen2_moe":
@@ -319,15 +298,10 @@ def test_every_expert_breaks_symmetry(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_backend_bitwise_equals_torch_on_bf16(kind):
-    if lemon_ext.backends().get("cpu") is not None:
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
     cls, cfg = moe_config(kind)
-    sd = {k: v.to(torch.bfloat16) for k, v in build(cls, cfg, dtype=torch.float32).state_dict().items()}
-    sizes = grow(kind, width=1.5)
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
     for form in (sd, to_disk_form(kind, sd)):
-        ref, _ = lemon_ext.expand_state_dict(form, cfg, backend="torch", seed=5, **sizes)
-        out, _ = lemon_ext.expand_state_dict(form, cfg, backend="cpu", seed=5, **sizes)
-        assert ref.keys() == out.keys() and all(torch.equal(ref[k], out[k]) for k in ref)
+        assert_cpu_backend_bitwise(form, cfg, **grow(kind, width=1.5))
 
 
 # -- plan, sizes and refusals -----------------------------------------------------------------------
@@ -386,11 +360,8 @@ def test_missing_expert_tensor_is_named(kind, expert):
 
 def test_expand_optimizer_state_on_moe():
     cls, cfg = moe_config("qwen2_moe")
-    model = build(cls, cfg, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = token_batch(batch=2, length=6)
-    model(x, labels=x).loss.backward()
-    opt.step()
+    model = build(cls, cfg, dtype=torch.float32)
+    opt = adamw_steps(model, token_batch(batch=2, length=6))
     sizes = grow("qwen2_moe")
     target = lemon_ext.expand_model(model, seed=7, **sizes)
     opt_t = lemon_ext.expand_optimizer_state(opt, model, target, seed=7, **sizes)
@@ -408,14 +379,8 @@ def hub_root(tmp_path_factory):
     return tmp_path_factory.mktemp("hub_moe")
 
 
-def _templates(names) -> set[str]:
-    return {re.sub(r"\.\d+\.", ".#.", n) for n in names}
-
-
 @pytest.mark.parametrize("name, how", [("mixtral_8x7b", "api"), ("qwen3_30b_a3b", "cli"), ("qwen15_moe_a27b", "cli")])
 def test_hub_form_expands_loads_and_reproduces(hub_root, name, how):
-    from hub_forms import read_tensors
-
     from lemon_ext.checkpoint import expand_checkpoint
     from lemon_ext.cli import main
 
@@ -429,20 +394,12 @@ def test_hub_form_expands_loads_and_reproduces(hub_root, name, how):
             argv += ["--" + key.replace("_", "-"), str(value)]
         assert "--moe-intermediate-size" in argv
         assert main(argv) == 0
-    model_t, info = load_reference(form.model_class, dst)  # transformers fuses the experts on load
-    assert not any(info.values()), info
-    for seed in (0, 1):
-        inputs = form.make_inputs(seed)
-        with torch.no_grad():
-            assert relative_error(form.model(**inputs).logits, model_t(**inputs).logits) <= TOL
-    src, out = read_tensors(form.path), read_tensors(dst)
-    assert _templates(out) == _templates(src)  # the source's spelling, one tensor per expert
-    assert all(t.dtype == torch.bfloat16 for t in out.values())
-    sd_t, _ = lemon_ext.expand_state_dict(src, form.config, seed=3, **form.sizes)
-    assert sd_t.keys() == out.keys() and all(torch.equal(sd_t[k], out[k]) for k in out)
-    bad = {form.typo[1] if k == form.typo[0] else k: v for k, v in src.items()}
-    with pytest.raises(LemonError, match=re.escape(form.typo[1])):
-        lemon_ext.expand_state_dict(bad, form.config, **form.sizes)
+    _, error = check_expanded(form, dst, load=load_reference)  # transformers fuses the experts on load
+    assert error <= TOL, error
+    assert_spelling_kept(form, dst, dropped=())  # the source's spelling, one tensor per expert
+    assert all(t.dtype == torch.bfloat16 for t in read_tensors(dst).values())
+    assert_expand_state_dict_equals_files(form, dst)
+    assert_typo_refused(form, str(hub_root))
 
 
 def test_transformers5_save_pretrained_directory(tmp_path):
@@ -454,8 +411,6 @@ def test_transformers5_save_pretrained_directory(tmp_path):
     model = build(cls, cfg)
     model.to(torch.float32).save_pretrained(tmp_path / "src")
     expand_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False, **grow("qwen3_moe"))
-    from hub_forms import read_tensors
-
     assert "model.layers.2.mlp.experts.3.up_proj.weight" in read_tensors(str(tmp_path / "dst"))
     source, _ = load_reference(cls, str(tmp_path / "src"))
     target, _ = load_reference(cls, str(tmp_path / "dst"))

@@ -17,18 +17,18 @@ The math (derived here, checked below in float64):
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import transformers as tf
 
 import lemon_ext
+from family_checks import (ExpandedForms, adamw_steps, assert_bf16_split_groups_exact, assert_cpu_backend_bitwise,
+                           assert_expand_state_dict_equals_files, assert_ffn_neurons_distinct, assert_new_layer_learns,
+                           assert_typo_refused, check_expanded, layer_io, tokens)
+from helpers_engine import bf16_state_dict, build, relative_error
 from hub_forms import read_tensors
-from hub_forms_families_b import (assert_bf16_groups_exact, assert_rows_distinct, make_olmo2_0425_1b, perturbed,
-                                  relative_error, tokens)
+from hub_forms_families_b import make_olmo2_0425_1b
 from lemon_ext import LemonError
-from lemon_ext.checkpoint import expand_checkpoint
 
 TOL = 1e-5  # Olmo2RMSNorm computes in float32 even in a float64 model (observed <= 1e-6)
 
@@ -52,7 +52,7 @@ GROWTHS = {
 @pytest.mark.parametrize("growth", list(GROWTHS))
 def test_lossless_float64(tied, growth):
     cls, cfg = olmo2(tie_word_embeddings=tied)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     target = lemon_ext.expand_model(model, **GROWTHS[growth])
     assert target.config.num_key_value_heads == 2 * target.config.num_attention_heads // 4  # group size kept
     x = tokens()
@@ -73,7 +73,7 @@ def test_lossless_with_float64_norms(monkeypatch, tied, growth):
 
     monkeypatch.setattr(modeling_olmo2.Olmo2RMSNorm, "forward", forward)
     cls, cfg = olmo2(tie_word_embeddings=tied, attention_bias=tied)  # q/k/v/o biases (q/k rows x eta too)
-    model = perturbed(cls, cfg)
+    model = build(cls, cfg)
     target = lemon_ext.expand_model(model, **GROWTHS[growth])
     x = tokens()
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_lossless_with_float64_norms(monkeypatch, tied, growth):
 
 def test_base_model_lossless():
     cls, cfg = olmo2()
-    model = perturbed(tf.Olmo2Model, cfg)
+    model = build(tf.Olmo2Model, cfg)
     target = lemon_ext.expand_model(model, hidden_size=64, num_hidden_layers=3)
     x = tokens()
     with torch.no_grad():
@@ -98,24 +98,12 @@ def test_non_integer_head_multiples_refused(sizes):
         lemon_ext.plan_expansion(cfg, **sizes)
 
 
-def _new_layer_io(model, index, x):
-    seen = {}
-    layer = model.model.layers[index]
-    hook = layer.register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(i=args[0] if args else kwargs["hidden_states"], o=out),
-        with_kwargs=True)
-    with torch.no_grad():
-        model(x)
-    hook.remove()
-    return seen["i"], seen["o"][0] if isinstance(seen["o"], tuple) else seen["o"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_new_layers_add_exactly_zero_in_low_precision(dtype):
     """The new layer's output equals its input bit for bit in fp32 and bf16 (zero branch-norm gains:
     x * 0 = 0 whatever the branch computes), and the expanded model stays at the source's error."""
     cls, cfg = olmo2()
-    model = perturbed(cls, cfg, dtype=torch.float32)
+    model = build(cls, cfg, dtype=torch.float32)
     plan = lemon_ext.plan_expansion(cfg, hidden_size=64, num_hidden_layers=4)
     new = [layer.index for layer in plan.layers if layer.new]
     assert new == [1, 3]
@@ -126,7 +114,7 @@ def test_new_layers_add_exactly_zero_in_low_precision(dtype):
         assert torch.equal(getattr(target.model.layers[1], name).weight, torch.zeros(64, dtype=dtype))
     x = tokens(batch=3, length=12)
     for index in new:
-        inp, out = _new_layer_io(target, index, x)
+        inp, out = layer_io(target, index, x)
         assert torch.equal(inp, out), index
     # the whole expanded model in low precision: as close to the source as the source in that
     # precision is to itself in float64 (the expansion adds no amplified rounding)
@@ -142,48 +130,30 @@ def test_new_layers_learn():
     """First backward: the new layers' branch-norm gains get gradients (the branches are live
     copies); after one AdamW step every new-layer parameter gets a gradient."""
     cls, cfg = olmo2()
-    target = lemon_ext.expand_model(perturbed(cls, cfg), hidden_size=64, num_hidden_layers=3)
-    target.train()
-    opt = torch.optim.AdamW(target.parameters(), lr=1e-3)
-    x = tokens(batch=4, length=12)
-    target(x, labels=x).loss.backward()
-    new = target.model.layers[2]
-    assert float(new.post_attention_layernorm.weight.grad.abs().min()) > 0
-    assert float(new.post_feedforward_layernorm.weight.grad.abs().min()) > 0
-    opt.step()
-    opt.zero_grad()
-    target(x, labels=x).loss.backward()
-    for name, p in new.named_parameters():
-        assert p.grad is not None and float(p.grad.abs().max()) > 0, name
+    target = lemon_ext.expand_model(build(cls, cfg), hidden_size=64, num_hidden_layers=3)
+    assert_new_layer_learns(target, 2, tokens(batch=4, length=12))
 
 
 def test_symmetry_ffn_neurons_distinct():
     cls, cfg = olmo2()
-    target = lemon_ext.expand_model(perturbed(cls, cfg), hidden_size=64, intermediate_size=74, num_hidden_layers=3)
-    for i, layer in enumerate(target.model.layers):
-        assert_rows_distinct(layer.mlp.up_proj.weight, f"layers.{i}.up_proj")
-        assert_rows_distinct(layer.mlp.gate_proj.weight, f"layers.{i}.gate_proj")
+    target = lemon_ext.expand_model(build(cls, cfg), hidden_size=64, intermediate_size=74, num_hidden_layers=3)
+    assert_ffn_neurons_distinct(target)
 
 
 @pytest.mark.parametrize("hidden", [64, 48], ids=["2x", "1.5x"])
 def test_bf16_parts_sum_exactly_to_stored_source(hidden):
     cls, cfg = olmo2(tie_word_embeddings=True)
-    sd = {k: v.to(torch.bfloat16) for k, v in perturbed(cls, cfg, dtype=torch.float32).state_dict().items()}
+    sd = bf16_state_dict(build(cls, cfg, dtype=torch.float32))
     heads = dict(num_attention_heads=8) if hidden == 48 else {}
-    plan = lemon_ext.plan_expansion(cfg, hidden_size=hidden, intermediate_size=111, num_hidden_layers=4,
-                                    source_shapes={k: v.shape for k, v in sd.items()}, **heads)
-    assert assert_bf16_groups_exact(plan, sd) >= 10
+    checked = assert_bf16_split_groups_exact(cfg, sd, hidden_size=hidden, intermediate_size=111, num_hidden_layers=4,
+                                             **heads)
+    assert len(checked) >= 10
 
 
 def test_backends_cpu_equals_torch_bf16():
-    if lemon_ext.backends().get("cpu") is not None:
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
     cls, cfg = olmo2()
-    sd = {k: v.to(torch.bfloat16) for k, v in perturbed(cls, cfg, dtype=torch.float32).state_dict().items()}
-    kw = dict(hidden_size=48, num_attention_heads=8, intermediate_size=55, num_hidden_layers=3, seed=5)
-    ref, _ = lemon_ext.expand_state_dict(sd, cfg, backend="torch", **kw)
-    out, _ = lemon_ext.expand_state_dict(sd, cfg, backend="cpu", **kw)
-    assert ref.keys() == out.keys() and all(torch.equal(ref[k], out[k]) for k in ref)
+    assert_cpu_backend_bitwise(bf16_state_dict(build(cls, cfg, dtype=torch.float32)), cfg, hidden_size=48,
+                               num_attention_heads=8, intermediate_size=55, num_hidden_layers=3)
 
 
 def test_plan_prints_and_optimizer_state_grows():
@@ -193,12 +163,9 @@ def test_plan_prints_and_optimizer_state_grows():
     for piece in ("olmo2 (causal_lm)", "q_norm_projection", "k_norm_projection", "branch_norm_weight",
                   "zero gain (w = 0)", "layers 2->3"):
         assert piece in text, piece
-    model = perturbed(cls, cfg)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = build(cls, cfg)
     x = tokens(batch=4, length=12)
-    model(x, labels=x).loss.backward()
-    opt.step()
+    opt = adamw_steps(model, x)
     target = lemon_ext.expand_model(model, **kw)
     opt_t = lemon_ext.expand_optimizer_state(opt, model, target, **kw)
     state = opt_t.state[target.model.layers[0].self_attn.q_norm.weight]
@@ -206,9 +173,7 @@ def test_plan_prints_and_optimizer_state_grows():
     assert torch.equal(state["exp_avg"], torch.cat([src["exp_avg"]] * 2))  # V_circ over heads, factor 1
     new_gain = opt_t.state[target.model.layers[2].post_attention_layernorm.weight]
     assert float(new_gain["exp_avg"].abs().max()) == 0  # a zero gain is not a copy: fresh moments
-    target.train()
-    target(x, labels=x).loss.backward()
-    opt_t.step()
+    adamw_steps(target, x, opt=opt_t)
 
 
 def test_config_head_dim_and_eps():
@@ -224,39 +189,24 @@ def test_config_head_dim_and_eps():
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("olmo2_hub"))
-    form = make_olmo2_0425_1b(root)
-    dst = os.path.join(root, "out")
-    report = expand_checkpoint(form.path, dst, seed=3, progress=False, **form.sizes)
-    return form, dst, report
+    forms = ExpandedForms(tmp_path_factory.mktemp("olmo2_hub"), {"olmo2_0425_1b": make_olmo2_0425_1b})
+    return forms.expanded("olmo2_0425_1b")
 
 
 def test_hub_form_expands_loads_and_reproduces(hub):
     form, dst, report = hub
     assert report["plan_summary"]["layers"] == [2, 3]
-    model_t, info = form.model_class.from_pretrained(dst, output_loading_info=True, dtype=torch.float64)
-    assert {k: v for k, v in info.items() if v} == {}
+    _, error = check_expanded(form, dst)
     assert set(read_tensors(dst)) == set(read_tensors(form.path)) | {
         n.replace("layers.1.", "layers.2.") for n in read_tensors(form.path) if "layers.1." in n}
-    with torch.no_grad():
-        for seed in (0, 1):
-            x = form.make_inputs(seed)
-            assert relative_error(form.model(**x).logits, model_t.eval()(**x).logits) <= form.tolerance
+    assert error <= form.tolerance, error
 
 
 def test_hub_form_expand_state_dict_equals_files(hub):
     form, dst, _ = hub
-    sd_t, _ = lemon_ext.expand_state_dict(read_tensors(form.path), form.config, seed=3, **form.sizes)
-    got = read_tensors(dst)
-    assert sorted(got) == sorted(sd_t)
-    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in sd_t.items())
+    assert_expand_state_dict_equals_files(form, dst)
 
 
 def test_hub_form_typo_refused(hub, tmp_path):
-    from hub_forms import rewrite_with
-
     form, _, _ = hub
-    old, new = form.typo
-    bad = rewrite_with(form, str(tmp_path / "typo"), {old: new})
-    with pytest.raises(LemonError, match=new.replace(".", r"\.")):
-        lemon_ext.expand_state_dict(read_tensors(bad), form.config, **form.sizes)
+    assert_typo_refused(form, str(tmp_path))

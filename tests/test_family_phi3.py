@@ -16,8 +16,10 @@ import pytest
 import torch
 import transformers as tf
 
+import family_checks as C
 import hub_forms_families_a as F
 import lemon_ext
+from helpers_engine import bf16_state_dict, build, relative_error
 
 VOCAB = 64
 D, FFN = 32, 40
@@ -32,7 +34,7 @@ def phi3_config(kv: int, tie: bool, partial: float = 1.0, **extra):
 
 
 def model(kv=2, tie=False, partial=1.0, dtype=torch.float64, **extra):
-    return F.build(tf.Phi3ForCausalLM, phi3_config(kv, tie, partial, **extra), dtype=dtype)
+    return build(tf.Phi3ForCausalLM, phi3_config(kv, tie, partial, **extra), dtype=dtype)
 
 
 def sizes(kind: str, kv: int) -> dict:
@@ -60,20 +62,20 @@ def test_lossless(kind, kv, tie, partial):
     assert cfg.rope_parameters["partial_rotary_factor"] == partial and cfg.tie_word_embeddings is tie
     if tie:
         assert target.lm_head.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
-    err = F.lossless_error(source, target, VOCAB)
+    err = C.lossless_error(source, target, VOCAB)
     assert err <= 1e-5, err  # RMSNorm in float32 inside transformers: ~1e-7 at 1.5x
 
 
 def test_base_model_and_explicit_depth_list():
-    source = F.build(tf.Phi3Model, phi3_config(2, False, 0.5))
+    source = build(tf.Phi3Model, phi3_config(2, False, 0.5))
     target = lemon_ext.expand_model(source, **sizes("1.5x", 2))
-    x = F.tokens(VOCAB)
+    x = C.tokens(VOCAB)
     with torch.no_grad():
         a, b = source(x).last_hidden_state, target(x).last_hidden_state
-    assert F.relative_error(a, b[..., :D]) <= 1e-5 and not b[..., D:].any()  # V_zero output
+    assert relative_error(a, b[..., :D]) <= 1e-5 and not b[..., D:].any()  # V_zero output
     source = model(2, True)
     target = lemon_ext.expand_model(source, hidden_size=64, num_hidden_layers=4, depth_placement=[0, 1, 1, 0])
-    assert F.lossless_error(source, target, VOCAB) <= 1e-5
+    assert C.lossless_error(source, target, VOCAB) <= 1e-5
 
 
 def test_fused_segments_grow_like_the_unfused_projections():
@@ -121,8 +123,7 @@ def test_head_dim_change_is_refused():
 @pytest.mark.parametrize("kind", ["2x", "1.5x"])
 def test_bf16_every_split_group_sums_to_the_stored_value(kind):
     source = model(2, True, 0.5, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    assert F.check_bf16_splits(source.config, sd, sizes(kind, 2)) >= 12
+    assert len(C.assert_bf16_split_groups_exact(source.config, bf16_state_dict(source), **sizes(kind, 2))) >= 12
 
 
 @pytest.mark.parametrize("kind", ["2x", "1.5x"])
@@ -130,20 +131,18 @@ def test_no_two_ffn_neurons_identical(kind):
     target = lemon_ext.expand_model(model(2, False), **sizes(kind, 2))
     for layer in target.model.layers:
         gate, up = layer.mlp.gate_up_proj.weight.chunk(2)
-        F.assert_rows_distinct(gate, "gate")
-        F.assert_rows_distinct(up, "up")
-        F.assert_rows_distinct(layer.self_attn.qkv_proj.weight, "qkv")
+        C.assert_rows_distinct(gate, "gate")
+        C.assert_rows_distinct(up, "up")
+        C.assert_rows_distinct(layer.self_attn.qkv_proj.weight, "qkv")
 
 
 def test_cpu_backend_equals_torch_bitwise_bf16():
     source = model(2, True, 0.5, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    if not F.check_backends(source.config, sd, sizes("1.5x", 2)):
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
+    C.assert_cpu_backend_bitwise(bf16_state_dict(source), source.config, **sizes("1.5x", 2))
 
 
 def test_optimizer_state_grows_with_the_weights():
-    out = F.check_optimizer_state(model(2, False), sizes("2x", 2), VOCAB)
+    out = C.check_optimizer_state(model(2, False), sizes("2x", 2), VOCAB)
     assert out["moment_tensors_checked"] >= 8
 
 
@@ -162,7 +161,7 @@ def test_plan_prints_the_fused_rules():
 @pytest.mark.parametrize("maker", [F.make_phi3_mini_4k, F.make_phi4_mini], ids=["phi3-mini-4k", "phi4-mini"])
 def test_hub_form(maker, tmp_path):
     form = maker(str(tmp_path))
-    result = F.check_hub_form(form, str(tmp_path))
+    result = C.check_hub_form(form, str(tmp_path), derived=F.is_derived)
     assert result["error"] <= 1e-5, result["error"]  # bf16 weights upcast; float32 RMSNorm
     assert result["dropped"] == []
     cfg = result["model_t"].config

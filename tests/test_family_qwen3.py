@@ -17,8 +17,11 @@ import pytest
 import torch
 import transformers as tf
 
+import family_checks as C
 import hub_forms_families_a as F
 import lemon_ext
+from helpers_engine import bf16_state_dict, build, relative_error
+from hub_forms import read_tensors
 from lemon_ext.arch import ARCHITECTURES
 
 VOCAB = 64
@@ -41,7 +44,7 @@ def qwen3_config(head_dim: int, tie: bool, **extra):
 
 
 def model(head_dim=16, tie=False, dtype=torch.float64, **extra):
-    return F.build(tf.Qwen3ForCausalLM, qwen3_config(head_dim, tie, **extra), dtype=dtype)
+    return build(tf.Qwen3ForCausalLM, qwen3_config(head_dim, tie, **extra), dtype=dtype)
 
 
 # -- lossless in float64 through transformers ------------------------------------------------------
@@ -58,7 +61,7 @@ def test_lossless(size, head_dim, tie):
     assert cfg.tie_word_embeddings is tie
     if tie:
         assert target.lm_head.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
-    err = F.lossless_error(source, target, VOCAB)
+    err = C.lossless_error(source, target, VOCAB)
     # transformers computes RMSNorm (hidden and q/k) in float32: ~1e-7 at 1.5x, ~1e-16 at 2x
     assert err <= 1e-5, err
 
@@ -80,27 +83,27 @@ def test_qk_rows_scaled_by_eta_is_what_makes_it_exact(monkeypatch):
     (float32 RMSNorm level, ~1e-7); without them (same table, qk_norm unset) it is ~1e-3."""
     source = model(32, False, rms_norm_eps=0.3)
     sizes = SIZES["1.5x"]
-    err = F.lossless_error(source, lemon_ext.expand_model(source, **sizes), VOCAB)
+    err = C.lossless_error(source, lemon_ext.expand_model(source, **sizes), VOCAB)
     assert err <= 1e-5, err
     _swap_architecture(monkeypatch, "qwen3", qk_norm=None)
-    err_without = F.lossless_error(source, lemon_ext.expand_model(source, **sizes), VOCAB)
+    err_without = C.lossless_error(source, lemon_ext.expand_model(source, **sizes), VOCAB)
     assert err_without > 1e-4 and err_without > 100 * err, (err_without, err)
 
 
 def test_attention_biases_scaled_with_their_rows():
     """attention_bias: q and k biases feed the q/k norms too (scaled by eta), v and o not."""
     source = model(32, True, rms_norm_eps=0.3, attention_bias=True)
-    err = F.lossless_error(source, lemon_ext.expand_model(source, **SIZES["1.5x"]), VOCAB)
+    err = C.lossless_error(source, lemon_ext.expand_model(source, **SIZES["1.5x"]), VOCAB)
     assert err <= 1e-5, err
 
 
 def test_base_model_output_is_v_zero():
-    source = F.build(tf.Qwen3Model, qwen3_config(32, False))
+    source = build(tf.Qwen3Model, qwen3_config(32, False))
     target = lemon_ext.expand_model(source, **SIZES["1.5x"])
-    x = F.tokens(VOCAB)
+    x = C.tokens(VOCAB)
     with torch.no_grad():
         a, b = source(x).last_hidden_state, target(x).last_hidden_state
-    assert F.relative_error(a, b[..., :D]) <= 1e-5 and not b[..., D:].any()
+    assert relative_error(a, b[..., :D]) <= 1e-5 and not b[..., D:].any()
 
 
 def test_qk_norm_weights_copied_q_k_rows_scaled_v_not():
@@ -131,7 +134,7 @@ def test_config_lists_and_thresholds():
     target = lemon_ext.expand_model(source, **SIZES["2x"])
     assert target.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert target.config.max_window_layers == 1
-    assert F.lossless_error(source, target, VOCAB) <= 1e-5
+    assert C.lossless_error(source, target, VOCAB) <= 1e-5
 
 
 # -- storage dtype, symmetry, backends, optimizer, plan --------------------------------------------
@@ -139,8 +142,7 @@ def test_config_lists_and_thresholds():
 @pytest.mark.parametrize("size", list(SIZES))
 def test_bf16_every_split_group_sums_to_the_stored_value(size):
     source = model(32, True, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    assert F.check_bf16_splits(source.config, sd, SIZES[size]) >= 20
+    assert len(C.assert_bf16_split_groups_exact(source.config, bf16_state_dict(source), **SIZES[size])) >= 20
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -148,18 +150,16 @@ def test_no_two_ffn_neurons_identical(size):
     target = lemon_ext.expand_model(model(16, False), **SIZES[size])
     for layer in target.model.layers:  # originals and the new layer
         for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.q_proj, layer.self_attn.k_proj):
-            F.assert_rows_distinct(proj.weight, "qwen3")
+            C.assert_rows_distinct(proj.weight, "qwen3")
 
 
 def test_cpu_backend_equals_torch_bitwise_bf16():
     source = model(32, True, dtype=torch.float32)
-    sd = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
-    if not F.check_backends(source.config, sd, SIZES["1.5x"]):
-        pytest.skip(f"C++ backend not built: {lemon_ext.backends()['cpu']}")
+    C.assert_cpu_backend_bitwise(bf16_state_dict(source), source.config, **SIZES["1.5x"])
 
 
 def test_optimizer_state_grows_with_the_weights():
-    out = F.check_optimizer_state(model(32, False), SIZES["2x"], VOCAB)
+    out = C.check_optimizer_state(model(32, False), SIZES["2x"], VOCAB)
     assert out["moment_tensors_checked"] >= 10
 
 
@@ -181,10 +181,10 @@ def test_plan_prints_the_qk_rules():
 
 def test_hub_form_qwen3_0_6b(tmp_path):
     form = F.make_qwen3_0_6b(str(tmp_path))
-    result = F.check_hub_form(form, str(tmp_path))
+    result = C.check_hub_form(form, str(tmp_path), derived=F.is_derived)
     assert result["error"] <= 1e-6, result["error"]
     assert result["dropped"] == []
-    out = F.read_tensors(result["dst"])
+    out = read_tensors(result["dst"])
     # the stored tied head stays stored, equal to the embedding
     assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
     assert result["model_t"].config.head_dim == F.QWEN3_HEAD_DIM

