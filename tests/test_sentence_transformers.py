@@ -20,21 +20,14 @@ pytest.importorskip("sentence_transformers")
 
 from lemon_ext.checkpoint import CheckpointError, expand_checkpoint  # noqa: E402
 from lemon_ext.checkpoint.expand import dry_run  # noqa: E402
+from lemon_ext.demo import SENTENCES as DEMO_SENTENCES  # noqa: E402
 from lemon_ext.checkpoint.sentence_transformers import (  # noqa: E402
     check_sentence_transformers,
     copy_sentence_transformers_modules,
 )
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome.",
-    "A cheetah is running behind its prey.",
-    "The cat plays in the garden, far from the noisy street.",
-    "Lossless model expansion keeps what the small network already knows.",
-    "Il pleut depuis ce matin.",
-    "x",
-]
+# The demo's sentences plus a non-English one and a one-character one.
+SENTENCES = [*DEMO_SENTENCES, "Il pleut depuis ce matin.", "x"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
