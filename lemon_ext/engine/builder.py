@@ -14,6 +14,11 @@ from .sizes import Sizes
 from .spec import TensorSpec
 
 
+#: Axis rules over the hidden axis besides "stream" (whose tail depends on the norm):
+#: (source hidden, target hidden) -> map.
+_STREAM_RULES = {"stream_in": axes.stream_input, "stream_circ": axes.circular, "stream_zero": axes.zero_tail}
+
+
 class SpecBuilder:
     """Builds the TensorSpec of each tensor of one plan."""
 
@@ -34,14 +39,20 @@ class SpecBuilder:
                              "'writers', or 'branch_norms' with branch_norm roles in the layer")
 
     # -- axes -------------------------------------------------------------------------------------
+    def _units(self) -> dict[str, tuple[int, int, int]]:
+        """Axis rules of replicated units: rule -> (source units, target units, entries per unit)."""
+        s, t = self.src, self.tgt
+        return {"q_heads": (s.heads, t.heads, s.head_dim), "kv_heads": (s.kv_heads, t.kv_heads, s.head_dim),
+                "heads_qkv": (s.heads, t.heads, 3 * s.head_dim), "ffn": (s.ffn, t.ffn, 1),
+                "expert_ffn": (s.expert_ffn, t.expert_ffn, 1), "shared_ffn": (s.shared_ffn, t.shared_ffn, 1)}
+
     def _source_length(self, rule: str) -> int:
-        s = self.src
-        lengths = {"stream": s.hidden, "stream_in": s.hidden, "stream_circ": s.hidden, "stream_zero": s.hidden,
-                   "q_heads": s.attn, "kv_heads": s.kv_attn, "ffn": s.ffn, "expert_ffn": s.expert_ffn,
-                   "shared_ffn": s.shared_ffn, "heads_qkv": 3 * s.attn}
-        if rule not in lengths:
+        if rule == "stream" or rule in _STREAM_RULES:
+            return self.src.hidden
+        if rule not in self._units():
             raise LemonError(f"internal: axis rule {rule!r} cannot be a segment of a fused tensor")
-        return lengths[rule]
+        num_s, _, unit = self._units()[rule]
+        return num_s * unit
 
     def axis(self, rule, source_length: int, paired: bool = False) -> torch.Tensor:
         """The target -> source index map of one axis (a tuple: fused segments, offsets added).
@@ -67,29 +78,17 @@ class SpecBuilder:
             if offset != source_length:
                 raise LemonError(f"internal: fused segments {rule} cover {offset} of {source_length} entries")
             return torch.cat(parts)
-        s, t = self.src, self.tgt
         if rule == "keep":
             return axes.keep(source_length)
-        units = {"q_heads": (s.heads, t.heads, s.head_dim), "kv_heads": (s.kv_heads, t.kv_heads, s.head_dim),
-                 "heads_qkv": (s.heads, t.heads, 3 * s.head_dim), "ffn": (s.ffn, t.ffn, 1),
-                 "expert_ffn": (s.expert_ffn, t.expert_ffn, 1), "shared_ffn": (s.shared_ffn, t.shared_ffn, 1)}
-        if paired and rule in units:
-            return axes.paired_units(*units[rule])
-        maps = {
-            "stream": lambda: axes.stream(s.hidden, t.hidden, self.arch.norm),
-            "stream_in": lambda: axes.stream_input(s.hidden, t.hidden),
-            "stream_circ": lambda: axes.circular(s.hidden, t.hidden),
-            "stream_zero": lambda: axes.zero_tail(s.hidden, t.hidden),
-            "q_heads": lambda: axes.heads(s.heads, t.heads, s.head_dim),
-            "kv_heads": lambda: axes.heads(s.kv_heads, t.kv_heads, s.head_dim),
-            "ffn": lambda: axes.circular(s.ffn, t.ffn),
-            "expert_ffn": lambda: axes.circular(s.expert_ffn, t.expert_ffn),
-            "shared_ffn": lambda: axes.circular(s.shared_ffn, t.shared_ffn),
-            "heads_qkv": lambda: axes.heads(s.heads, t.heads, 3 * s.head_dim),
-        }
-        if rule not in maps:
-            raise LemonError(f"internal: unknown axis rule {rule!r}")
-        return maps[rule]()
+        units = self._units()
+        if rule in units:  # whole units copied circularly (a neuron is a unit of one entry)
+            return (axes.paired_units if paired else axes.heads)(*units[rule])
+        h_s, h_t = self.src.hidden, self.tgt.hidden
+        if rule == "stream":
+            return axes.stream(h_s, h_t, self.arch.norm)
+        if rule in _STREAM_RULES:
+            return _STREAM_RULES[rule](h_s, h_t)
+        raise LemonError(f"internal: unknown axis rule {rule!r}")
 
     # -- specs ------------------------------------------------------------------------------------
     def transposed(self, role: str) -> bool:
@@ -137,7 +136,8 @@ class SpecBuilder:
         factor = (self.eta if role.gain else 1.0) * (extra if role.gain or role.shift else 1.0)
         if role.embed_scaled:
             factor *= self.embed_factor
-        row_scale = self.eta if role.qk_norm_input and self.arch.qk_norm and self.eta != 1.0 else 1.0
+        scales_qk = role.qk_norm_input and self.arch.qk_norm and self.eta != 1.0  # LEMON_SPEC section 10
+        row_scale = self.eta if scales_qk else 1.0
         if view == "vector":
             factor, row_scale = factor * row_scale, 1.0
         col_factor = torch.full((cols.numel(),), factor, dtype=torch.float64) if factor != 1.0 else None
@@ -153,7 +153,7 @@ class SpecBuilder:
             what=role.what.format(hs=s.heads, ht=t.heads, kvs=s.kv_heads, kvt=t.kv_heads, fs=s.ffn, ft=t.ffn,
                                   efs=s.expert_ffn, eft=t.expert_ffn),
         )
-        if role.qk_norm_input and self.arch.qk_norm and self.eta != 1.0:
+        if scales_qk:
             rule += f"; x eta={self.eta:.6g} (feeds a q/k norm whose eps is the config's, scaled by eta^2)"
         if zero_output and view == "vector":
             cols, rule = torch.full((cols.numel(),), ZERO, dtype=torch.int64), "zero (new layer output bias)"

@@ -66,9 +66,9 @@ class ExpansionPlan:
     def check_source(self, shapes: dict[str, Sequence[int]]) -> None:
         """Raise LemonError naming the first missing or unexpected tensor or wrong shape."""
         expected = self.expected_source_shapes()
-        spelling = self.spelling or SourceSpelling(self.architecture, shapes)
+        spelling = SourceSpelling(self.architecture, shapes)  # these names' renames and buffers
         tied = {spelling.source_name(name) for name, _ in self.layout.tied}
-        derived = {name for name, _ in SourceSpelling(self.architecture, shapes).derived}
+        derived = {name for name, _ in spelling.derived}
         for name in shapes:
             if name not in expected and name not in tied and name not in derived:
                 raise LemonError(
@@ -228,11 +228,11 @@ def _embed_factor(arch: Architecture, cfg: dict, src: Sizes, tgt: Sizes, notes: 
     f_s, f_t = factor(src), factor(tgt)
     if f_s != f_t:
         notes.append(f"embedding scale {arch.embed_scale} in {dtype_name}: {f_s:g} -> {f_t:g}; embeddings scaled by "
-                     f"{f_s / f_t:.6g} (one rounding in low precision)")
+                     f"{f_s / f_t:.6g} ({ROUNDING})")
     return f_s / f_t
 
 
-def _names(arch: Architecture, cfg: dict, src: Sizes) -> dict:
+def _names(cfg: dict, src: Sizes) -> dict:
     """Symbols for table expressions: config fields (with the table's defaults) and sizes."""
     labels = cfg.get("id2label")
     return {**cfg, "num_labels": len(labels) if labels else cfg.get("num_labels", 2),
@@ -316,13 +316,14 @@ def plan_expansion(
     shapes = spelling.table_shapes(dict(source_shapes)) if source_shapes is not None else {}
     layout = _choose_layout(arch, cfg, names)
 
+    num_hidden_layers = size_argument("num_hidden_layers", num_hidden_layers)
     if isinstance(depth_placement, str):
-        num_layers = src.layers if num_hidden_layers is None else size_argument("num_hidden_layers", num_hidden_layers)
+        num_layers = src.layers if num_hidden_layers is None else num_hidden_layers
         if num_layers < src.layers:
             raise LemonError(f"num_hidden_layers={num_layers} is smaller than the source's {src.layers}: lemon_ext only grows models")
         order = layer_sources(src.layers, num_layers, depth_placement)
     else:
-        num_layers = len(depth_placement) if num_hidden_layers is None else size_argument("num_hidden_layers", num_hidden_layers)
+        num_layers = len(depth_placement) if num_hidden_layers is None else num_hidden_layers
         order = layer_sources(src.layers, num_layers, depth_placement)
     tgt = target_sizes(
         arch, src, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -336,24 +337,24 @@ def plan_expansion(
     embed_factor = _embed_factor(arch, cfg, src, tgt, notes)
     tied_factor = 1.0 / (k * embed_factor) if tied else 1.0
     if tied and k & (k - 1):
-        notes.append(f"tied head: final norm scaled by 1/{k}, not a power of two: one rounding in low precision")
+        notes.append(f"tied head: final norm scaled by 1/{k}, not a power of two: {ROUNDING}")
     if tied and embed_factor != 1.0:
         notes.append(f"tied head: it reads the scaled embedding (x{embed_factor:.6g}) k={k} times: final norm gain scaled "
-                     f"by 1/({k} x {embed_factor:.6g}) = {tied_factor:.6g} (one rounding in low precision)")
+                     f"by 1/({k} x {embed_factor:.6g}) = {tied_factor:.6g} ({ROUNDING})")
     if tgt.hidden % src.hidden:
-        notes.append(f"indivisible width: norm gains scaled by eta={axes.eta(src.hidden, tgt.hidden):.6g} (one rounding in low precision)")
+        notes.append(f"indivisible width: norm gains scaled by eta={axes.eta(src.hidden, tgt.hidden):.6g} ({ROUNDING})")
         if arch.qk_norm:
             notes.append(f"q/k norms ({arch.qk_norm}): q and k projections scaled by eta too, so their eps (the config's "
-                         "one eps, scaled by eta^2) stays exact (one rounding in low precision)")
+                         f"one eps, scaled by eta^2) stays exact ({ROUNDING})")
     noise_std = float(cfg.get("initializer_range", 0.02)) if symmetry_breaking != "equal" else 0.0
     if arch.norm_offset and (tied_factor != 1.0 or tgt.hidden % src.hidden):
         notes.append(f"norms compute x * ({arch.norm_offset:g} + w): scaled gains are stored as w' = f ({arch.norm_offset:g} + w) "
-                     f"- {arch.norm_offset:g} (one rounding in low precision)")
+                     f"- {arch.norm_offset:g} ({ROUNDING})")
     if src.experts:
         notes.append("MoE: router logits are kept (fan-in split); in low precision a near-tie between experts "
                      "can pick a different top-k expert")
     builder = SpecBuilder(arch, src, tgt, symmetry_breaking, noise_std, tied_factor, embed_factor)
-    symbols = _names(arch, cfg, src)
+    symbols = _names(cfg, src)
     layers = target_layers(order, arch.post_ln)
 
     def present(full_name: str, optional: bool, when: str | None, layer: int | None = None) -> bool:

@@ -52,6 +52,7 @@ errors are ``LemonError``. Errors raised by
 from __future__ import annotations
 
 import inspect
+import math
 import queue
 import threading
 import time
@@ -390,6 +391,10 @@ class _Buf:
     def __init__(self, t: torch.Tensor):
         self.t, self.ready = t, None
 
+    def view(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The buffer's first bytes as a tensor of ``shape`` and ``dtype`` (no copy)."""
+        return self.t[:_nbytes(tuple(shape), dtype)].view(dtype).view(shape)
+
 
 class _PinnedPool:
     """A free-list of page-locked host buffers of one size. ``take`` waits (in the calling thread)
@@ -505,12 +510,12 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
             if spec.source is None:  # a constant (Post-LN identity norm): built in the pinned buffer
                 buf = src_pool.take(_nbytes(shape, sdt), abort)
                 t0 = time.perf_counter()
-                view = buf.t[:_nbytes(shape, sdt)].view(sdt).view(shape)
+                view = buf.view(shape, sdt)
                 view.fill_(fill)
             elif accepts_out and sdt is not None:
                 buf = src_pool.take(_nbytes(shape, sdt), abort)  # waits for the copy that last read it
                 t0 = time.perf_counter()
-                view = buf.t[:_nbytes(shape, sdt)].view(sdt).view(shape)
+                view = buf.view(shape, sdt)
                 fetch_source(spec.source, out=view)
             else:
                 t0 = time.perf_counter()
@@ -519,7 +524,7 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
                 t1 = time.perf_counter()
                 buf = src_pool.take(need, abort)
                 t0 += time.perf_counter() - t1  # not the wait for a free buffer
-                view = buf.t[:need].view(t.dtype).view(t.shape)
+                view = buf.view(t.shape, t.dtype)
                 view.copy_(t)
                 del t
             stats["read"] += time.perf_counter() - t0
@@ -611,7 +616,7 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
                 if tbuf is None:
                     host_out = cu.pinned_tensor(out.shape, out.dtype)
                 else:
-                    host_out = tbuf.t[:need].view(out.dtype).view(out.shape)
+                    host_out = tbuf.view(out.shape, out.dtype)
                 cu.copy_to_host(host_out, out)
                 cu.keep_until_done(out, d2h)
                 ev_out = cu.new_event(True)
@@ -648,5 +653,4 @@ def _run_cuda(specs, fetch_source, sink, dev, *, seed, dtype, backend, prefetch,
 
 
 def _nbytes(shape, dtype) -> int:
-    import math
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
