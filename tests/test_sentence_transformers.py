@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -228,7 +229,10 @@ def test_preflight_plain_directory_is_a_no_op(tmp_path):
     assert copy_sentence_transformers_modules(str(tmp_path / "src"), str(tmp_path), 384, 768) == []
 
 
-def test_preflight_similarity_scaling_warned(tmp_path, caplog):
+def test_preflight_similarity_scaling_warned(tmp_path, caplog, monkeypatch):
+    # lemon-expand's main() (run in-process by other tests) stops "lemon_ext" records at its own
+    # stderr handler; caplog listens on the root logger.
+    monkeypatch.setattr(logging.getLogger("lemon_ext"), "propagate", True)
     src = make_st_dir(tmp_path, [("", T), ("1_Pooling", P)], similarity="dot",
                       pooling={"embedding_dimension": 384, "pooling_mode": "mean"})
     with caplog.at_level("WARNING", logger="lemon_ext.checkpoint"):
