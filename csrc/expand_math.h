@@ -82,10 +82,11 @@ LEMON_HD float draw(PhiloxKey k, uint64_t row, uint64_t col, uint32_t stream) {
 // ---- round-to-nearest-even casts, bit-equal to torch's float -> bf16 / fp16 ---------------
 // NaN inputs: bf16 gives 0x7FC0 (c10 scalar path), fp16 gives sign|0x7E00. NaN payloads are not
 // part of the bitwise contract (torch's own vectorised and scalar casts differ there).
+// Branch-free (a select, not an early return) so the CPU row loops that call it vectorise.
 LEMON_HD uint16_t f32_to_bf16(float f) {
   const uint32_t u = f2u(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 LEMON_HD float bf16_to_f32(uint16_t h) { return u2f(uint32_t(h) << 16); }
 

@@ -99,7 +99,7 @@ def expected() -> dict[int, list[str]]:
 
 def _build(out_dir: Path, name: str, source: Path, *flags: str) -> Path:
     exe = out_dir / name
-    cmd = [CXX, "-std=c++17", "-ffp-contract=off", *flags, f"-I{ROOT / 'csrc'}", f"-I{NATIVE}", str(source), "-o", str(exe)]
+    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", *flags, f"-I{ROOT / 'csrc'}", f"-I{NATIVE}", str(source), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return exe

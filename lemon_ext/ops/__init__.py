@@ -199,7 +199,9 @@ _MAPS_LOCK = threading.Lock()
 # repeating one map pair hits. Not more: 256 long-lived entries (3.5 MB of tensors) scattered
 # small blocks through the heap and raised the streaming tool's peak RSS by 131 MiB (8: +1 MiB,
 # tests/test_cli_subprocess.py's 49 MB -> 287 MB checkpoint, measured against no cache).
-_MAPS_CACHE_SIZE = 8
+# 32 holds every distinct pair of one plan (a Llama layer has ~10, its new layers ~10 more; the
+# engine shares one map tensor per axis), so expanding a whole model digests each pair once.
+_MAPS_CACHE_SIZE = 32
 
 
 def prepare_maps(row_map: torch.Tensor, col_map: torch.Tensor) -> HostMaps:
