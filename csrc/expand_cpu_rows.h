@@ -13,10 +13,13 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
+#include <string>
 
 #include "expand_math.h"
 #include "philox_simd.h"
+#include "stage_tsc.h"
 
 namespace lemon {
 
@@ -41,13 +44,19 @@ struct IndexRuns {
   std::vector<char> contiguous;
 };
 
-inline IndexRuns make_runs(const int32_t* idx, int64_t n) {
+// Runs along which every array of `idx` steps by one at once (one array: its own runs).
+inline IndexRuns make_runs(const std::vector<const int32_t*>& idx, int64_t n) {
   constexpr int64_t kMinRun = 16;  // shorter runs are cheaper to gather than to loop over
   IndexRuns r;
+  auto steps = [&](int64_t e) {
+    for (const int32_t* a : idx)
+      if (a[e] != a[e - 1] + 1) return false;
+    return true;
+  };
   int64_t j = 0;
   while (j < n) {
     int64_t e = j + 1;
-    while (e < n && idx[e] == idx[e - 1] + 1) ++e;
+    while (e < n && steps(e)) ++e;
     const bool run = e - j >= kMinRun;
     if (!run && !r.start.empty() && !r.contiguous.back()) {
       r.len.back() += int32_t(e - j);  // extend the current gather stretch
@@ -95,7 +104,14 @@ struct CpuPlan {
   // per slot, the quads some column reads, padded to a multiple of kPhiloxBlock
   std::vector<std::vector<int32_t>> slot_quads;
   std::vector<ColumnPass> passes;  // LEMON: one per tree level; cancel: one
+  // Fused row path (no split, or LEMON / cancel with one dense pass: every width up to 2x the
+  // source's): each target value goes gather -> round -> pass -> encode -> store in one loop, in
+  // registers, along runs where the column map and the pass's draws index are both contiguous.
+  bool fused = false;
+  IndexRuns fused_runs;
 };
+
+constexpr int kMaxFusedPasses = 1;
 
 // Streams column (n, m) reads, as slot indices (row-independent: the LEMON path depends on
 // n and m only; the swaps depend on the draws, the path does not).
@@ -132,8 +148,18 @@ inline void finish_pass(ColumnPass& c, int64_t table_size, bool may_skip_untouch
     if (c.off[j] >= 0) c.active.push_back(int32_t(j));
     else c.off[j] = (j > 0 && c.off[j - 1] + 1 < table_size) ? c.off[j - 1] + 1 : 0;
   }
-  c.runs = make_runs(c.off.data(), int64_t(c.off.size()));
+  c.runs = make_runs({c.off.data()}, int64_t(c.off.size()));
   c.sparse = may_skip_untouched && 8 * c.active.size() < c.off.size();
+}
+
+// LEMON_EXT_CPU_FUSED=0 runs the staged passes instead of the fused row (same bits: the A/B of
+// benchmarks/stage_counters.py and the tests), read once.
+inline bool fused_path_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("LEMON_EXT_CPU_FUSED");
+    return !(env && std::string(env) == "0");
+  }();
+  return on;
 }
 
 inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int32_t* gpos,
@@ -157,7 +183,7 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     slots_read(split, gsize[j], gpos[j], s);
     for (int t : s) need[t][p.ucol[j] >> 2] = 1;
   }
-  p.cidx_runs = make_runs(p.cidx.data(), ct);
+  p.cidx_runs = make_runs({p.cidx.data()}, ct);
   if (split == kSplitLemon) {
     int depth = 0;
     for (int n = 2; n <= max_n; ++n) { int d = 0; for (int c = n; c > 1; c = (c + 1) / 2) ++d; depth = std::max(depth, d); }
@@ -196,6 +222,14 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     p.passes.push_back(std::move(c));
   }
   for (ColumnPass& c : p.passes) finish_pass(c, table_size, split == kSplitLemon);
+  const bool dense = std::none_of(p.passes.begin(), p.passes.end(), [](const ColumnPass& c) { return c.sparse; });
+  p.fused = fused_path_enabled() && (split == kSplitNone || split == kSplitLemon || split == kSplitCancel || split == kSplitCancelEqual) &&
+            dense && p.passes.size() <= size_t(kMaxFusedPasses);
+  if (p.fused) {
+    std::vector<const int32_t*> idx{p.cidx.data()};
+    for (const ColumnPass& c : p.passes) idx.push_back(c.off.data());
+    p.fused_runs = make_runs(idx, ct);
+  }
   p.slot_quads.resize(p.slots);
   for (int t = 0; t < p.slots; ++t) {
     auto& list = p.slot_quads[t];
@@ -337,6 +371,73 @@ LEMON_CLONES void encode_row(const float* val, void* out, int64_t n, int kind) {
   else encode_t<kOutF32>(val, out, n);
 }
 
+// The fused row: out[j] = encode(STEP(draw, params[j], round(S'[r, col_map[j]] (* cf[j])))) for
+// the columns of one run (KIND 0: no split, no pass; 1: LEMON; 2: cancel). CONTIG: the run's
+// source values and draws are contiguous from sv / tbl (the caller offsets them), else indexed
+// through cidx / off. One loop: the value stays in a register from the gather to the store (the
+// unfused passes write and re-read a float row between stages).
+template <int OUT, int KIND, bool CONTIG, bool HAS_CF>
+LEMON_HD void fused_t(const float* __restrict sv, const int32_t* __restrict cidx, const float* __restrict cf,
+                      const float* __restrict tbl, const int32_t* __restrict off, const float* __restrict P,
+                      const float* __restrict Q, const float* __restrict E, const float* __restrict L,
+                      typename OutT<OUT>::type* __restrict out, int64_t len) {
+  for (int64_t t = 0; t < len; ++t) {
+    float x = CONTIG ? sv[t] : sv[cidx[t]];
+    if constexpr (HAS_CF) x = x * cf[t];
+    if constexpr (KIND != 0) {
+      x = round_out<OUT>(x);
+      const float u = CONTIG ? tbl[t] : tbl[off[t]];
+      x = KIND == 1 ? lemon_step<OUT>(u, P[t], Q[t], E[t], L[t], x) : cancel_step<OUT>(u, P[t], Q[t], E[t], L[t], x);
+    }
+    out[t] = encode<OUT>(x);
+  }
+}
+
+template <int OUT, int KIND, bool HAS_CF>
+LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out_row) {
+  using O = typename OutT<OUT>::type;
+  O* out = static_cast<O*>(out_row);
+  const ColumnPass* c = p.passes.empty() ? nullptr : &p.passes[0];
+  const int32_t* cidx = p.cidx.data();
+  const IndexRuns& runs = p.fused_runs;
+  for (size_t r = 0; r < runs.start.size(); ++r) {
+    const int64_t j0 = runs.start[r], len = runs.len[r];
+    const int32_t* off = c ? c->off.data() + j0 : nullptr;
+    const float *P = c ? c->p.data() + j0 : nullptr, *Q = c ? c->q.data() + j0 : nullptr,
+                *E = c ? c->e.data() + j0 : nullptr, *L = c ? c->l.data() + j0 : nullptr;
+    const float* f = HAS_CF ? cf + j0 : nullptr;
+    if (runs.contiguous[r])
+      fused_t<OUT, KIND, true, HAS_CF>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl, nullptr, P, Q, E, L,
+                                       out + j0, len);
+    else
+      fused_t<OUT, KIND, false, HAS_CF>(sv, cidx + j0, f, tbl, off, P, Q, E, L, out + j0, len);
+  }
+}
+
+template <int OUT, int KIND>
+LEMON_HD void fused_row_k(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out) {
+  if (cf) fused_row_t<OUT, KIND, true>(sv, p, cf, tbl, out);
+  else fused_row_t<OUT, KIND, false>(sv, p, cf, tbl, out);
+}
+
+// kind: 0 no split (or no pass), 1 LEMON, 2 cancel.
+LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out, int kind,
+                            int out_kind) {
+  if (out_kind == kOutBF16) {
+    if (kind == 1) fused_row_k<kOutBF16, 1>(sv, p, cf, tbl, out);
+    else if (kind == 2) fused_row_k<kOutBF16, 2>(sv, p, cf, tbl, out);
+    else fused_row_k<kOutBF16, 0>(sv, p, cf, tbl, out);
+  } else if (out_kind == kOutF16) {
+    if (kind == 1) fused_row_k<kOutF16, 1>(sv, p, cf, tbl, out);
+    else if (kind == 2) fused_row_k<kOutF16, 2>(sv, p, cf, tbl, out);
+    else fused_row_k<kOutF16, 0>(sv, p, cf, tbl, out);
+  } else {
+    if (kind == 1) fused_row_k<kOutF32, 1>(sv, p, cf, tbl, out);
+    else if (kind == 2) fused_row_k<kOutF32, 2>(sv, p, cf, tbl, out);
+    else fused_row_k<kOutF32, 0>(sv, p, cf, tbl, out);
+  }
+}
+
 // Target rows [begin, end). MODE 0: no split, 1: LEMON, 3: cancel (both vectorised column
 // passes), 2: any other split (scalar, runtime switch).
 template <int OUT, int MODE>
@@ -349,15 +450,26 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     O* __restrict out = static_cast<O*>(a.out) + i * a.ct;
     const int64_t r = a.row_map[i];
     if (r == kZero) { std::fill(out, out + a.ct, encode<OUT>(0.0f)); continue; }
+    LEMON_TSC_START;
     const bool has_rf = a.row_factor != nullptr;
     stage_row(a, r, has_rf, has_rf ? a.row_factor[i] : 1.0f, srow.data());
+    LEMON_TSC_MARK(kTscStage);
     const uint32_t row = uint32_t(uint64_t(i + a.row_offset));
     for (int t = 0; t < p.slots; ++t)
       philox_quads(p.slot_quads[t].data(), int64_t(p.slot_quads[t].size()), row, p.base + uint32_t(t), a.key,
                    tbl.data() + t * p.stride);
+    LEMON_TSC_MARK(kTscPhilox);
+    if (p.fused) {
+      // MODE 0 or no pass: kind 0 (encode(round(x)) == encode(x): the rounding is idempotent)
+      const int kind = p.passes.empty() ? 0 : MODE == 1 ? 1 : 2;
+      fused_row(srow.data(), p, a.col_factor, tbl.data(), out, kind, OUT);
+      LEMON_TSC_MARK(kTscFused);
+    } else {
     gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
+    LEMON_TSC_MARK(kTscGather);
     if constexpr (MODE == 1 || MODE == 3) {
       round_row(val.data(), a.ct, OUT);
+      LEMON_TSC_MARK(kTscRound);
       for (const ColumnPass& c : p.passes) column_pass(tbl.data(), c, MODE == 1, val.data(), OUT);
     } else if constexpr (MODE == 2) {
       for (int64_t j = 0; j < a.ct; ++j) {
@@ -365,7 +477,10 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
         val[j] = split_value<OUT>(a.split, val[j], p.gsize[j], p.gpos[j], a.noise_std, U);
       }
     }
+    LEMON_TSC_MARK(kTscPass);
     encode_row(val.data(), out, a.ct, OUT);
+    LEMON_TSC_MARK(kTscEncode);
+    }
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
     int64_t last_quad = -1;
     Words w{};
@@ -377,6 +492,7 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
       }
       out[j] = encode<OUT>(free_value(to_uniform(w.w[col & 3]), a.noise_std));
     }
+    LEMON_TSC_MARK(kTscTail);
   }
 }
 

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan, sizes and every error; read no weights")
     r.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
     r.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted run")
+    # The names are hashing.ALGORITHMS, spelled out so that --help imports nothing heavy.
+    r.add_argument("--hash", default="xxh3_128", choices=["xxh3_128", "sha256"], dest="hash_algorithm",
+                   help="digest of every shard in lemon_expansion.json (default xxh3_128: fast, ~0.1 s of a "
+                        "core per 2 GB); sha256 gives the digest the Hugging Face Hub (Git LFS) shows for a "
+                        "file and costs about a core-second per 2 GB")
     r.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -144,7 +149,8 @@ def main(argv=None) -> int:
             args.src, args.dst, **sizes, symmetry_breaking=args.symmetry_breaking, depth_placement=placement,
             allow_lossy=args.allow_lossy, seed=args.seed, device=args.device, dtype=args.dtype,
             max_shard_size=args.max_shard_size, verify=args.verify, verify_tolerance=args.tolerance,
-            overwrite=args.overwrite, resume=args.resume, backend=args.backend, progress=not args.quiet)
+            overwrite=args.overwrite, resume=args.resume, backend=args.backend, progress=not args.quiet,
+            hash_algorithm=args.hash_algorithm)
         if report is not None and int(os.environ.get("RANK", "0")) == 0:
             v = report.get("verification")
             extra = f"; verified: max relative error {v['max_rel_error']:.3g} on {v['compared']}" if v else ""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lemon_ext.checkpoint import expand_checkpoint, verify_checkpoints
+from lemon_ext.checkpoint import CheckpointError, expand_checkpoint, verify_checkpoints
 from lemon_ext.checkpoint.source import SourceCheckpoint
 from lemon_ext.checkpoint.testing import make_tiny_llama
 from lemon_ext.cli import main, verify_main
@@ -84,10 +84,50 @@ def test_output_equals_expand_state_dict(sources, tmp_path, fmt, tied):
     assert {"generation_config.json", "README.md", "lemon_expansion.json"} <= set(files)
     assert not any(f.startswith(".") for f in os.listdir(tmp_path)), "temporary directory left behind"
     report = json.load(open(os.path.join(dst, "lemon_expansion.json")))
-    from lemon_ext.checkpoint.writer import sha256_file
-    assert {s["file"]: s["sha256"] for s in report["shards"]} == {f: sha256_file(os.path.join(dst, f)) for f in shards}
+    from lemon_ext.checkpoint.hashing import hash_file
+    assert {s["file"]: s["hash"]["digest"] for s in report["shards"]} == {
+        s["file"]: hash_file(os.path.join(dst, s["file"]), s["hash"]["algorithm"]) for s in report["shards"]}
+    assert sorted(s["file"] for s in report["shards"]) == shards
+    assert {s["hash"]["algorithm"] for s in report["shards"]} == {"xxh3_128"}  # the default
+    assert not any("sha256" in s for s in report["shards"]) and report["options"]["hash_algorithm"] == "xxh3_128"
     assert report["seed"] == 5 and report["source"]["format"] == ("bin" if "bin" in fmt else "safetensors")
     assert len(report["plan"]) == len(sd_ref) and "torch" in report["versions"]
+
+
+def test_hash_sha256_gives_the_files_sha256_and_keeps_the_old_key(sources, tmp_path):
+    """--hash sha256: each shard's report digest is hashlib.sha256 of the file (what the Hub shows),
+    also under the older "sha256" key; same bytes as the default run; the model card names it."""
+    import hashlib
+
+    src = sources[("safetensors", False)]
+    dst = str(tmp_path / "dst")
+    assert main([src, dst, *ARGS, "--max-shard-size", "60KB", "--hash", "sha256"]) == 0
+    report = json.load(open(os.path.join(dst, "lemon_expansion.json")))
+    assert len(report["shards"]) > 1 and report["options"]["hash_algorithm"] == "sha256"
+    for s in report["shards"]:
+        sha = hashlib.sha256(open(os.path.join(dst, s["file"]), "rb").read()).hexdigest()
+        assert s["hash"] == {"algorithm": "sha256", "digest": sha} and s["sha256"] == sha, s["file"]
+    assert "sha256 digest of every shard" in open(os.path.join(dst, "README.md")).read()
+    default = str(tmp_path / "default")
+    expand_checkpoint(src, default, **SIZES, max_shard_size="60KB", progress=False)
+    for s in report["shards"]:
+        assert open(os.path.join(dst, s["file"]), "rb").read() == open(os.path.join(default, s["file"]), "rb").read()
+    with pytest.raises(CheckpointError, match="hash algorithm 'md5'"):
+        expand_checkpoint(src, str(tmp_path / "md5"), **SIZES, progress=False, hash_algorithm="md5")
+    assert not os.path.exists(tmp_path / "md5")
+
+
+def test_hash_option_choices_are_the_algorithms(capsys):
+    """--hash spells out hashing.ALGORITHMS (cli.py imports nothing heavy for --help); default first."""
+    from lemon_ext.checkpoint.hashing import ALGORITHMS, DEFAULT_ALGORITHM
+    from lemon_ext.cli import _parser
+
+    action = next(a for a in _parser()._actions if "--hash" in a.option_strings)
+    assert tuple(action.choices) == ALGORITHMS and action.default == DEFAULT_ALGORITHM == "xxh3_128"
+    assert "Hugging Face Hub" in action.help and "core-second per 2 GB" in action.help
+    with pytest.raises(SystemExit) as e:
+        main(["src", "dst", "--hash", "md5"])
+    assert e.value.code == 2 and "invalid choice: 'md5'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -130,8 +170,12 @@ def test_identical_bytes_across_shard_sizes_and_overwrite(sources, tmp_path):
     assert "model.safetensors" not in os.listdir(b)
 
 
-def test_resume_after_interrupted_run(sources, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_hash,resume_hash", [("xxh3_128", "xxh3_128"), ("sha256", "xxh3_128")])
+def test_resume_after_interrupted_run(sources, tmp_path, monkeypatch, first_hash, resume_hash):
+    """Finished shards are kept when their digest (with the record's own algorithm) matches; a
+    resume with another --hash reports every shard, kept or rebuilt, in the algorithm it asks for."""
     from lemon_ext.checkpoint import writer as writer_mod
+    from lemon_ext.checkpoint.hashing import hash_file
 
     src, dst = sources[("safetensors", False)], str(tmp_path / "dst")
     fresh = str(tmp_path / "fresh")
@@ -149,7 +193,7 @@ def test_resume_after_interrupted_run(sources, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer_mod.ShardWriter, "close", dying_close)
     with pytest.raises(KeyboardInterrupt):
-        expand_checkpoint(src, dst, **SIZES, max_shard_size="30KB", progress=False)
+        expand_checkpoint(src, dst, **SIZES, max_shard_size="30KB", progress=False, hash_algorithm=first_hash)
     assert not os.path.exists(dst)
     monkeypatch.setattr(writer_mod.ShardWriter, "close", real_close)
     tmp = os.path.join(str(tmp_path), ".dst.lemon-partial")
@@ -166,12 +210,16 @@ def test_resume_after_interrupted_run(sources, tmp_path, monkeypatch):
         real_init(self, directory, shard, *a, **k)
 
     monkeypatch.setattr(writer_mod.ShardWriter, "__init__", counting_init)
-    rep = expand_checkpoint(src, dst, **SIZES, max_shard_size="30KB", resume=True, progress=False)
+    rep = expand_checkpoint(src, dst, **SIZES, max_shard_size="30KB", resume=True, progress=False,
+                            hash_algorithm=resume_hash)
     # Shard 1 is kept; shard 2 (damaged) is rebuilt; shard 3 was renamed but its record was never
     # written (killed in between), so it is rebuilt too.
     assert done[0] not in opened and done[1] in opened and done[2] in opened
     assert len(opened) == n_shards - 1
     assert sum(s["resumed"] for s in rep["shards"]) == 1
+    for s in rep["shards"]:
+        assert s["hash"] == {"algorithm": resume_hash, "digest": hash_file(os.path.join(dst, s["file"]), resume_hash)}
+        assert ("sha256" in s) == (resume_hash == "sha256")
     for f in os.listdir(fresh):
         if f.endswith(".safetensors") or f in ("model.safetensors.index.json", "config.json"):
             assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(dst, f), "rb").read(), f

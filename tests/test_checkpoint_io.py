@@ -3,6 +3,7 @@ pipeline. Fast (no transformers models, no subprocesses)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import threading
@@ -14,11 +15,12 @@ from safetensors.torch import load_file, save, save_file
 
 from lemon_ext.checkpoint.device import resolve_device
 from lemon_ext.checkpoint.errors import CheckpointError
+from lemon_ext.checkpoint.hashing import ALGORITHMS, hash_file, new_hasher
 from lemon_ext.checkpoint.outdir import OutputDir
 from lemon_ext.checkpoint.safetensors_format import build_header, file_order, read_header, read_tensor
 from lemon_ext.checkpoint.shards import build_index, parse_size, plan_shards, shards_for_rank
 from lemon_ext.checkpoint.source import SourceCheckpoint
-from lemon_ext.checkpoint.writer import ShardWriter, sha256_file
+from lemon_ext.checkpoint.writer import ShardWriter
 from lemon_ext.errors import LemonError
 from lemon_ext.execution import pipeline
 
@@ -47,12 +49,55 @@ def test_writer_bytes_equal_safetensors_save(tmp_path):
     w = ShardWriter(str(tmp_path), shard)
     for name, _, _ in shard.tensors:
         w.write(name, MIXED[name])
-    sha, size = w.close()
+    digest, size = w.close()
     data = (tmp_path / "x.safetensors").read_bytes()
     assert data == save(MIXED, metadata={"format": "pt"})
-    assert size == len(data) and sha == sha256_file(str(tmp_path / "x.safetensors"))
+    assert size == len(data) and digest == hash_file(str(tmp_path / "x.safetensors"), "xxh3_128")
     assert not (tmp_path / "x.safetensors.partial").exists()
     assert build_header(shard.tensors, {"format": "pt"}) == data[: len(build_header(shard.tensors, {"format": "pt"}))]
+
+
+def _independent_digest(algorithm: str, data: bytes) -> str:
+    """The digest computed straight from the libraries, not through lemon_ext.checkpoint.hashing."""
+    import xxhash
+
+    return {"sha256": hashlib.sha256(data).hexdigest(), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}[algorithm]
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_writer_digest_is_the_files_digest(tmp_path, monkeypatch, algorithm):
+    """close() returns the lowercase hex digest of the file's bytes, whether hashed inline (xxh3_128)
+    or in the helper thread beside the write (sha256); hash_file agrees, reading in chunks."""
+    from lemon_ext.checkpoint import hashing
+    from lemon_ext.checkpoint.shards import Shard
+
+    sd = {**MIXED, "big": torch.arange(3 << 20, dtype=torch.int32)}  # 12 MiB: several hash updates
+    shard = Shard(0, "x.safetensors", file_order(_entries(sd)))
+    w = ShardWriter(str(tmp_path), shard, hash_algorithm=algorithm)
+    assert (w._hash_thread is not None) == (algorithm == "sha256")
+    for name, _, _ in shard.tensors:
+        w.write(name, sd[name])
+    digest, size = w.close()
+    data = (tmp_path / "x.safetensors").read_bytes()
+    expected = _independent_digest(algorithm, data)
+    assert digest == expected and size == len(data)
+    assert len(digest) == {"sha256": 64, "xxh3_128": 32}[algorithm] and digest == digest.lower()
+    path = str(tmp_path / "x.safetensors")
+    assert hash_file(path, algorithm) == expected
+    # Chunk boundaries do not change the digest (a 5 MiB chunk splits the 12 MiB tensor).
+    monkeypatch.setattr(hashing, "CHUNK_BYTES", 5 << 20)
+    assert hash_file(path, algorithm) == expected
+
+
+def test_unknown_hash_algorithm_is_one_line(tmp_path):
+    from lemon_ext.checkpoint.shards import Shard
+
+    assert ALGORITHMS[0] == "xxh3_128" and set(ALGORITHMS) == {"xxh3_128", "sha256"}
+    with pytest.raises(CheckpointError, match=r"hash algorithm 'md5': use one of xxh3_128, sha256$"):
+        new_hasher("md5")
+    with pytest.raises(CheckpointError, match="hash algorithm 'md5'"):
+        ShardWriter(str(tmp_path), Shard(0, "x.safetensors", file_order(_entries(MIXED))), hash_algorithm="md5")
+    assert not os.listdir(tmp_path)  # refused before a partial file exists
 
 
 def test_writer_refuses_out_of_order_tensor(tmp_path):
@@ -282,20 +327,67 @@ def test_output_dir_refusals_and_commit(tmp_path):
         foreign.prepare()
 
 
-def test_output_dir_resume_checks_sha(tmp_path):
+def _resume_dir(tmp_path):
+    """A prepared OutputDir (resume=True) holding one finished 10-byte shard, 'a.safetensors'."""
     src = tmp_path / "src"
     src.mkdir()
     out = OutputDir(str(tmp_path / "dst"), str(src), resume=True)
     out.prepare()
-    p = out.path("a.safetensors")
-    with open(p, "wb") as f:
+    with open(out.path("a.safetensors"), "wb") as f:
         f.write(b"0123456789")
-    out.record("a.safetensors", "fp", sha256_file(p), 10)
-    assert out.resumable("a.safetensors", "fp") is not None
-    assert out.resumable("a.safetensors", "other-plan") is None
+    return out
+
+
+def _write_record(out, record: dict) -> None:
+    with open(os.path.join(out.progress, "a.safetensors.json"), "w") as f:
+        json.dump(record, f)
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_output_dir_resume_checks_digest(tmp_path, algorithm):
+    out = _resume_dir(tmp_path)
+    p = out.path("a.safetensors")
+    digest = _independent_digest(algorithm, b"0123456789")
+    out.record("a.safetensors", "fp", digest, 10, algorithm=algorithm)
+    with open(os.path.join(out.progress, "a.safetensors.json")) as f:
+        assert json.load(f) == {"fingerprint": "fp", "hash": {"algorithm": algorithm, "digest": digest}, "size": 10}
+    assert out.resumable("a.safetensors", "fp", algorithm) == {"algorithm": algorithm, "digest": digest, "size": 10}
+    assert out.resumable("a.safetensors", "other-plan", algorithm) is None
+    # Resumed with the other algorithm: checked with the record's own, reported in the one asked for.
+    other = "sha256" if algorithm == "xxh3_128" else "xxh3_128"
+    assert out.resumable("a.safetensors", "fp", other)["digest"] == _independent_digest(other, b"0123456789")
     with open(p, "r+b") as f:
         f.write(b"X")
-    assert out.resumable("a.safetensors", "fp") is None
+    assert out.resumable("a.safetensors", "fp", algorithm) is None
+    assert out.resumable("a.safetensors", "fp", other) is None
+
+
+def test_output_dir_resume_accepts_old_sha256_record(tmp_path):
+    """A record written before the hash was a choice has no algorithm field, only "sha256"."""
+    out = _resume_dir(tmp_path)
+    sha = hashlib.sha256(b"0123456789").hexdigest()
+    _write_record(out, {"fingerprint": "fp", "sha256": sha, "size": 10})
+    assert out.resumable("a.safetensors", "fp", "sha256") == {"algorithm": "sha256", "digest": sha, "size": 10}
+    xxh = _independent_digest("xxh3_128", b"0123456789")
+    assert out.resumable("a.safetensors", "fp", "xxh3_128") == {"algorithm": "xxh3_128", "digest": xxh, "size": 10}
+    with open(out.path("a.safetensors"), "r+b") as f:
+        f.write(b"X")
+    assert out.resumable("a.safetensors", "fp", "sha256") is None
+
+
+@pytest.mark.parametrize("record", [
+    {"hash": {"algorithm": "xxh3_128", "digest": "0" * 32}},  # wrong digest
+    {"hash": {"algorithm": "sha256", "digest": hashlib.sha256(b"0123456789").hexdigest()[::-1]}},
+    {"sha256": "0" * 64},  # an old record with a wrong digest
+    {"hash": {"algorithm": "md5", "digest": "781e5e245d69b566979b86e28d23f2c7"}},  # unknown: rebuild
+    {"hash": "garbage"},
+    {},
+], ids=["xxh3-wrong", "sha256-wrong", "old-wrong", "unknown-algorithm", "malformed", "no-digest"])
+def test_output_dir_resume_rejects_bad_record(tmp_path, record):
+    out = _resume_dir(tmp_path)
+    _write_record(out, {"fingerprint": "fp", "size": 10, **record})
+    assert out.resumable("a.safetensors", "fp", "xxh3_128") is None
+    assert out.resumable("a.safetensors", "fp", "sha256") is None
 
 
 class _Spec:

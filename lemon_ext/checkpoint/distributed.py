@@ -1,7 +1,8 @@
 """torchrun support: rank/world from the environment, a gloo group for barriers and small gathers.
 
-Each rank writes whole shards (``shards.shards_for_rank``); the group only carries status and the
-per-shard sha256 to rank 0, so gloo serves GPU runs too (no NCCL needed for a few bytes).
+Each rank writes whole shards (``shards.shards_for_rank``); the group only carries status and each
+shard's report fields (digest and its algorithm, size) to rank 0, so gloo serves GPU runs too (no
+NCCL needed for a few bytes).
 A rank that fails still joins the gather with its error, so no rank waits forever.
 """
 from __future__ import annotations

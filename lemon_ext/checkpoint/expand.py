@@ -28,8 +28,9 @@ from ..execution import run_specs
 from .device import resolve_device
 from .distributed import Dist, init_from_env, rank_device
 from .errors import CheckpointError, VerificationError
+from .hashing import DEFAULT_ALGORITHM, new_hasher
 from .outdir import OutputDir, write_json_atomic
-from .report import copy_aux_files, model_card, plan_rows, versions, write_config, write_text
+from .report import copy_aux_files, model_card, plan_rows, shard_hash_fields, versions, write_config, write_text
 from .safetensors_format import dtype_size
 from .sentence_transformers import check_sentence_transformers, copy_sentence_transformers_modules
 from .shards import Shard, build_index, parse_size, plan_shards, shards_for_rank
@@ -99,7 +100,8 @@ def _target_dtypes(plan, source: SourceCheckpoint, dtype: torch.dtype | None) ->
 
 
 def _fingerprint(source: SourceCheckpoint, plan, dtypes: dict, shards: list, seed: int, options: dict) -> str:
-    """sha256 over everything that decides the output bytes (used to accept resumed shards)."""
+    """sha256 over everything that decides the output bytes (used to accept resumed shards). The
+    shards' hash algorithm is not in it: it changes no output byte, and resume re-hashes anyway."""
     files = {}
     for f in source.files:
         st = os.stat(os.path.join(source.path, f))
@@ -235,15 +237,17 @@ def dry_run(src, dst, *, sizes: dict, options: dict, seed=0, dtype=None, max_sha
 # -- the run ----------------------------------------------------------------------------------------
 
 def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, backend, progress, resume,
-                     dist: Dist) -> dict:
-    """Write this rank's shards (keeping resumable ones); return {filename: {sha256, size}}."""
+                     dist: Dist, hash_algorithm: str = DEFAULT_ALGORITHM) -> dict:
+    """Write this rank's shards (keeping resumable ones); return {filename: {hash, size, resumed}}
+    (the report's shard fields, ``report.shard_hash_fields``)."""
     results: dict = {}
     todo: list[Shard] = []
     for sh in mine:
-        rec = out.resumable(sh.filename, job.fingerprint) if resume else None
+        rec = out.resumable(sh.filename, job.fingerprint, hash_algorithm) if resume else None
         if rec is not None:
-            log.info("resume: keeping %s (sha256 matches)", sh.filename)
-            results[sh.filename] = {"sha256": rec["sha256"], "size": rec["size"], "resumed": True}
+            log.info("resume: keeping %s (digest matches)", sh.filename)
+            results[sh.filename] = {**shard_hash_fields(hash_algorithm, rec["digest"]), "size": rec["size"],
+                                    "resumed": True}
         else:
             todo.append(sh)
     by_name = {s.name: s for s in job.plan.specs}
@@ -255,18 +259,20 @@ def _write_my_shards(job: Job, out: OutputDir, mine: list, *, device, seed, back
                position=dist.rank if dist.world_size > 1 else None, leave=dist.world_size == 1)
     state = {"i": 0, "w": None}
     # fsync off the writer thread; the resume record follows the fsync (see writer.Syncer).
-    syncer = Syncer(lambda path, fname, sha, size: out.record(fname, job.fingerprint, sha, size))
+    syncer = Syncer(lambda path, fname, digest, size: out.record(fname, job.fingerprint, digest, size,
+                                                                 algorithm=hash_algorithm))
 
     def sink(spec, t):
         if state["w"] is None:
-            state["w"] = ShardWriter(out.tmp, todo[state["i"]])
+            state["w"] = ShardWriter(out.tmp, todo[state["i"]], hash_algorithm=hash_algorithm)
         w = state["w"]
         w.write(spec.name, t)
         bar.update(t.numel() * t.element_size())
         if w.done:
-            sha, size = w.close()
-            syncer.submit(w.path, w.shard.filename, sha, size)
-            results[w.shard.filename] = {"sha256": sha, "size": size, "resumed": False}
+            digest, size = w.close()
+            syncer.submit(w.path, w.shard.filename, digest, size)
+            results[w.shard.filename] = {**shard_hash_fields(hash_algorithm, digest), "size": size,
+                                         "resumed": False}
             state["w"], state["i"] = None, state["i"] + 1
 
     try:
@@ -316,6 +322,7 @@ def expand_checkpoint(
     resume: bool = False,
     backend: str = "auto",
     progress: bool = True,
+    hash_algorithm: str = DEFAULT_ALGORITHM,
 ) -> dict:
     """Expand the Hugging Face model directory ``src`` into ``dst`` (LEMON, lossless), streaming.
 
@@ -325,8 +332,10 @@ def expand_checkpoint(
     2 x the largest target tensor + one shard + 1 GiB. Under ``torchrun`` the shards are split
     across ranks (same bytes as one process). ``dst`` appears only when complete (built as a
     hidden sibling and renamed); an existing ``dst`` is replaced only with ``overwrite``;
-    ``resume`` keeps the finished shards of an interrupted run whose sha256 matches. One run per
+    ``resume`` keeps the finished shards of an interrupted run whose digest matches. One run per
     ``dst`` at a time: a second one raises ``CheckpointError`` at once (``OutputDir.lock``).
+    ``hash_algorithm``: the digest of every shard in the report, "xxh3_128" (fast, the default) or
+    "sha256" (the digest the Hugging Face Hub / Git LFS shows; about a core-second per 2 GB).
 
     Returns the report written to ``dst/lemon_expansion.json``. Raises ``CheckpointError`` (a
     ``LemonError``/``ValueError``) with a one-line message naming the file or tensor at fault.
@@ -338,6 +347,7 @@ def expand_checkpoint(
                  shared_expert_intermediate_size=shared_expert_intermediate_size)
     options = dict(symmetry_breaking=symmetry_breaking, allow_lossy=allow_lossy,
                    depth_placement=depth_placement if isinstance(depth_placement, str) else list(depth_placement))
+    new_hasher(hash_algorithm)  # an unknown name (or xxhash missing) is refused before any work
     dist = init_from_env()
     job = out = None
     try:
@@ -360,7 +370,7 @@ def expand_checkpoint(
         err, res = None, {}
         try:
             res = _write_my_shards(job, out, mine, device=dev, seed=seed, backend=backend,
-                                   progress=progress, resume=resume, dist=dist)
+                                   progress=progress, resume=resume, dist=dist, hash_algorithm=hash_algorithm)
         except LemonError as e:
             err = e
         results: dict = {}
@@ -375,7 +385,7 @@ def expand_checkpoint(
                 report = _finish(job, out, results, src=src, sizes=sizes, seed=seed, dtype=dtype,
                                  max_shard_size=max_shard_size, verify=verify, tolerance=verify_tolerance,
                                  elapsed_write=time.time() - t0, world=dist.world_size, device=str(dev),
-                                 stats=stats)
+                                 stats=stats, hash_algorithm=hash_algorithm)
             except LemonError as e:
                 err = e
         report = dist.sync(err, report)[0]
@@ -403,7 +413,7 @@ def _default_tolerance(job: Job) -> float | None:
 
 
 def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype, max_shard_size, verify,
-            tolerance, elapsed_write, world, device, stats=None) -> dict:
+            tolerance, elapsed_write, world, device, stats=None, hash_algorithm=DEFAULT_ALGORITHM) -> dict:
     """Rank 0: index, config, copied files, report, model card, verification, rename into place."""
     missing = [s.filename for s in job.shards if s.filename not in results]
     if missing:
@@ -430,7 +440,7 @@ def _finish(job: Job, out: OutputDir, results: dict, *, src, sizes, seed, dtype,
         "seed": seed,
         "options": {**job.options, **{k: v for k, v in sizes.items()},
                     "dtype": None if out_dtype is None else str(out_dtype).replace("torch.", ""),
-                    "max_shard_size": max_shard_size},
+                    "max_shard_size": max_shard_size, "hash_algorithm": hash_algorithm},
         "plan_summary": {
             "num_parameters_source": p.num_parameters_source, "num_parameters_target": p.num_parameters_target,
             "hidden": [s.hidden, t.hidden], "ffn": [s.ffn, t.ffn], "heads": [s.heads, t.heads],

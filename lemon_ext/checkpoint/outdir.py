@@ -1,9 +1,12 @@
 """The output directory, made atomically: built under a hidden name beside DST, renamed when complete.
 
 ``DST/../.<name>.lemon-partial/`` holds the run in progress, with ``.lemon-progress/<shard>.json``
-recording each finished shard's sha256 and the run's fingerprint (plan, seed, dtype, source). A
-crash leaves only that hidden directory, never a directory named DST; ``--resume`` reuses the
-shards whose record matches the fingerprint and whose file still has the recorded sha256.
+recording each finished shard's digest, the digest's algorithm and the run's fingerprint (plan,
+seed, dtype, source): ``{"fingerprint", "hash": {"algorithm", "digest"}, "size"}``. A crash leaves
+only that hidden directory, never a directory named DST; ``--resume`` reuses the shards whose
+record matches the fingerprint and whose file, re-hashed with the record's own algorithm, still
+has the recorded digest. A record without ``"hash"`` (written before the hash was a choice) holds
+``"sha256"`` and is checked with sha256.
 
 One run per DST: ``lock`` holds ``flock`` on ``DST/../.<name>.lemon-lock`` from before the hidden
 directory is prepared (or deleted) until after the rename, so a second run into the same DST stops
@@ -19,7 +22,8 @@ import os
 import shutil
 
 from .errors import CheckpointError
-from .writer import os_error_line, sha256_file
+from .hashing import DEFAULT_ALGORITHM, SHA256, file_digests
+from .writer import os_error_line
 
 MARKER = ".lemon-partial-marker"
 PROGRESS = ".lemon-progress"
@@ -133,12 +137,20 @@ class OutputDir:
         except OSError as e:
             raise CheckpointError(os_error_line(self.tmp, e)) from None
 
-    def record(self, filename: str, fingerprint: str, sha256: str, size: int) -> None:
+    def record(self, filename: str, fingerprint: str, digest: str, size: int, *, algorithm: str) -> None:
+        """Note a finished (fsynced) shard: its ``algorithm`` hex ``digest`` and size, for resume."""
         write_json_atomic(os.path.join(self.progress, filename + ".json"),
-                          {"fingerprint": fingerprint, "sha256": sha256, "size": size})
+                          {"fingerprint": fingerprint, "hash": {"algorithm": algorithm, "digest": digest},
+                           "size": size})
 
-    def resumable(self, filename: str, fingerprint: str) -> dict | None:
-        """The record of a finished shard that can be kept (same plan, same bytes), else None."""
+    def resumable(self, filename: str, fingerprint: str, algorithm: str = DEFAULT_ALGORITHM) -> dict | None:
+        """``{"algorithm", "digest", "size"}`` of a finished shard that can be kept (same plan, same
+        bytes), the digest in ``algorithm``; else None.
+
+        The file is re-hashed with the record's own algorithm and must give the recorded digest.
+        When that is not ``algorithm`` (a run resumed with another ``--hash``), the same read also
+        computes the digest in ``algorithm``, so every shard of a report carries the one asked for.
+        """
         rec_path = os.path.join(self.progress, filename + ".json")
         path = os.path.join(self.tmp, filename)
         try:
@@ -146,10 +158,13 @@ class OutputDir:
                 rec = json.load(f)
             if rec.get("fingerprint") != fingerprint or os.path.getsize(path) != rec.get("size"):
                 return None
-            if sha256_file(path) != rec.get("sha256"):
+            recorded_algorithm, recorded_digest = _recorded_hash(rec)
+            digests = file_digests(path, {recorded_algorithm, algorithm})
+            if digests[recorded_algorithm] != recorded_digest:
                 return None
-            return rec
-        except (OSError, ValueError):
+            return {"algorithm": algorithm, "digest": digests[algorithm], "size": rec["size"]}
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, CheckpointError):
+            # unreadable or malformed record, or an algorithm this version does not know: rebuild
             return None
 
     def path(self, name: str) -> str:
@@ -209,6 +224,13 @@ class OutputDir:
             _fsync_dir(os.path.dirname(self.dst))
         except OSError as e:
             raise CheckpointError(os_error_line(self.dst, e)) from None
+
+
+def _recorded_hash(rec: dict) -> tuple[str, str]:
+    """(algorithm, digest) of a resume record; a record without ``"hash"`` is an older sha256 one."""
+    if "hash" not in rec:
+        return SHA256, rec["sha256"]
+    return rec["hash"]["algorithm"], rec["hash"]["digest"]
 
 
 def _fsync_dir(path: str) -> None:

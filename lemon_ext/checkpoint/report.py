@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from .errors import CheckpointError
+from .hashing import DEFAULT_ALGORITHM, SHA256
 from .writer import os_error_line
 
 #: Files never copied from the source: weights, indexes, and files we write ourselves.
@@ -53,6 +54,16 @@ def versions() -> dict:
     return out
 
 
+def shard_hash_fields(algorithm: str, digest: str) -> dict:
+    """A shard's digest as the report (``lemon_expansion.json``) lists it:
+    ``{"hash": {"algorithm": ..., "digest": ...}}``, plus the older ``"sha256": digest`` key when the
+    algorithm is sha256, so tools that read that key keep working."""
+    fields = {"hash": {"algorithm": algorithm, "digest": digest}}
+    if algorithm == SHA256:
+        fields["sha256"] = digest
+    return fields
+
+
 def plan_rows(plan, dtypes: dict) -> list[dict]:
     """One JSON row per target tensor: name, source, shapes, dtype, role, rule."""
     return [{"name": s.name, "source": s.source, "source_shape": list(s.source_shape),
@@ -66,6 +77,11 @@ def model_card(report: dict) -> str:
     ver = report.get("verification") or {}
     vline = (f"Verified: {ver.get('passed')} (max relative error {ver.get('max_rel_error'):.3g} on "
              f"{ver.get('compared')})" if ver else "Not verified at expansion time: run `lemon-verify SRC DST`.")
+    algorithm = report["options"].get("hash_algorithm", DEFAULT_ALGORITHM)
+    digest_line = (f"the {algorithm} digest of every shard (the one the Hugging Face Hub shows for the file)"
+                   if algorithm == SHA256 else
+                   f"the {algorithm} digest of every shard (`lemon-expand --hash sha256` gives the one the "
+                   f"Hugging Face Hub shows)")
     return f"""---
 tags:
 - lemon
@@ -91,7 +107,7 @@ learning rate and warmup as training from scratch, decay compressed to the short
 Seed {report['seed']}, symmetry breaking `{report['options'].get('symmetry_breaking')}`, depth placement
 `{report['options'].get('depth_placement')}`. {vline}
 
-The full plan (each tensor's source, shapes and rule), versions and the sha256 of every shard are in
+The full plan (each tensor's source, shapes and rule), versions and {digest_line} are in
 `lemon_expansion.json`.
 """
 

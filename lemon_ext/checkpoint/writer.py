@@ -1,12 +1,14 @@
 """Stream one safetensors shard to disk, tensor by tensor, hashing as it goes.
 
 The header is written first (the shard's layout is planned), then each tensor's bytes straight
-from the tensor's memory (a numpy view, no copy). The sha256 of a tensor's bytes runs in a helper
-thread while the same bytes are written (both release the GIL): measured on the 2-core dev VM,
-2 GB written + hashed + fsynced took 24-36 s one after the other and 18-19 s side by side
-(sha256 alone runs at 0.28 GB/s there; the write alone took 12 s). The file is ``<name>.partial``
-until every tensor is in; then it is renamed, so a file with a shard's final name holds every
-byte we wrote.
+from the tensor's memory (a numpy view, no copy). The integrity hash (``hashing``) sees the same
+bytes. The default, xxh3_128, is hashed inline in the writer thread: ~0.1 s of a core per 2 GB,
+too little for a hop to a helper thread per buffer to pay off. sha256 (``hash_algorithm="sha256"``)
+runs in a helper thread while the same bytes are written (both release the GIL): measured on the
+slower 2-core VM of benchmarks/RESULTS.md, 2 GB written + sha256-hashed + fsynced took 24-36 s one
+after the other and 18-19 s side by side (sha256 alone runs at 0.28 GB/s there; the write alone
+took 12 s). The file is ``<name>.partial`` until every tensor is in; then it is renamed, so a file
+with a shard's final name holds every byte we wrote.
 Durability is separate (``Syncer``): fsync runs in a background thread, so the pipeline keeps
 writing the next shard meanwhile. Measured on the 2-core CI VM (disk ~40 MB/s sustained): an
 fsync in the writer thread stalled the pipeline for ~50 s per 2 GB shard (benchmark 587 s vs 286 s
@@ -17,13 +19,13 @@ one CheckpointError line naming the file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .errors import CheckpointError
+from .hashing import DEFAULT_ALGORITHM, HASHED_BESIDE_WRITE, new_hasher
 from .safetensors_format import build_header, tensor_bytes
 from .shards import Shard
 
@@ -44,17 +46,21 @@ class ShardWriter:
     """Write the tensors of ``shard`` into ``directory``, in the shard's file order.
 
     ``write(name, tensor)`` must be called once per tensor in ``shard.tensors`` order; ``close()``
-    returns ``(sha256 hex, size in bytes)`` and renames the file into place; ``abort()`` removes it.
+    returns ``(hex digest of the file with hash_algorithm, size in bytes)`` and renames the file into
+    place; ``abort()`` removes it. ``hash_algorithm``: one of ``hashing.ALGORITHMS``.
     """
 
-    def __init__(self, directory: str, shard: Shard, metadata: dict | None = None, fsync: bool = False):
+    def __init__(self, directory: str, shard: Shard, metadata: dict | None = None, fsync: bool = False,
+                 hash_algorithm: str = DEFAULT_ALGORITHM):
         self.shard = shard
         self.path = os.path.join(directory, shard.filename)
         self.partial = self.path + ".partial"
         self.fsync = fsync
+        self.hash_algorithm = hash_algorithm
         self._next = 0
-        self._sha = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lemon-sha256")
+        self._hash = new_hasher(hash_algorithm)  # an unknown name fails here, before a file exists
+        self._hash_thread = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lemon-{hash_algorithm}")
+                             if hash_algorithm in HASHED_BESIDE_WRITE else None)
         self._size = 0
         self._f = None
         try:
@@ -65,13 +71,17 @@ class ShardWriter:
             raise CheckpointError(os_error_line(self.path, e)) from None
 
     def _emit(self, buf) -> None:
-        # Hash and write the same bytes side by side; return only when both are done, so the
-        # caller may reuse the buffer (the CUDA path hands over views of pinned staging buffers).
-        hashed = self._hasher.submit(self._sha.update, buf)
-        try:
+        # Return only when the bytes are both hashed and written, so the caller may reuse the
+        # buffer (the CUDA path hands over views of pinned staging buffers).
+        if self._hash_thread is None:
+            self._hash.update(buf)
             self._f.write(buf)
-        finally:
-            hashed.result()
+        else:  # a slow hash runs side by side with the write
+            hashed = self._hash_thread.submit(self._hash.update, buf)
+            try:
+                self._f.write(buf)
+            finally:
+                hashed.result()
         self._size += len(buf) if isinstance(buf, bytes) else buf.nbytes
 
     @property
@@ -99,7 +109,7 @@ class ShardWriter:
         self._next += 1
 
     def close(self) -> tuple[str, int]:
-        """Flush (fsync only if asked), rename into place; return (sha256 hex digest, file size)."""
+        """Flush (fsync only if asked), rename into place; return (hex digest, file size)."""
         if not self.done:
             missing = self.shard.tensors[self._next][0]
             self.abort()
@@ -114,12 +124,16 @@ class ShardWriter:
         except OSError as e:
             self.abort()
             raise CheckpointError(os_error_line(self.path, e)) from None
-        self._hasher.shutdown()
-        return self._sha.hexdigest(), self._size
+        self._stop_hash_thread()
+        return self._hash.hexdigest(), self._size
+
+    def _stop_hash_thread(self) -> None:
+        if self._hash_thread is not None:
+            self._hash_thread.shutdown()
 
     def abort(self) -> None:
         """Close and delete the partial file (frees the space a full disk needs back)."""
-        self._hasher.shutdown()
+        self._stop_hash_thread()
         if self._f is not None:
             try:
                 self._f.close()
@@ -130,20 +144,6 @@ class ShardWriter:
             os.remove(self.partial)
         except OSError:
             pass
-
-
-def sha256_file(path: str, chunk: int = 16 << 20) -> str:
-    """sha256 of a file, read in 16 MiB chunks (bounded memory)."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(mv)
-            if not n:
-                break
-            h.update(mv[:n])
-    return h.hexdigest()
 
 
 class Syncer:

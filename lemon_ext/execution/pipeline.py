@@ -10,7 +10,7 @@ in use). A source is released after its last use; a source used by two nearby sp
 copied from its neighbour, a tied head) is fetched again rather than cached, unless
 ``source_cache_bytes`` allows keeping it: re-reading costs a page-cache copy, keeping it costs RSS.
 
-CPU backend: three threads (reader, compute = caller's thread, writer); file reads, writes, sha256
+CPU backend: three threads (reader, compute = caller's thread, writer); file reads, writes, hashing
 and torch kernels all release the GIL, so I/O overlaps compute on 2 cores.
 
 CUDA backend (not yet run on a GPU; on CPU its orchestration runs against stand-ins for streams,
