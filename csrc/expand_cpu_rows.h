@@ -5,11 +5,14 @@
 // reads, into a small table (philox_simd.h, 4 words per call, all kept); gather the staged row
 // into the target columns (contiguous copies along runs of the column map); apply the split as
 // branch-free column passes (ColumnPass: one per LEMON tree level, or one for cancelling
-// pairs); round and store. The plan (which staged slot, which draws and which pass parameters
+// pairs); round and store. Widths up to 2x (one pass) run gather, round and pass as one fused
+// loop instead (fused_row). The plan (which staged slot, which draws and which pass parameters
 // each target column uses) depends only on the column map, so it is built once per call
-// (CpuPlan) and shared by every row and thread. Single thread on the dev VM, 2048x768 ->
-// 4096x1536 bf16, circular maps + LEMON: stage 0.3, Philox 0.9, gather + round 0.7, level pass
-// 1.0, store 0.6 ns per target element (3.0 in all).
+// (CpuPlan) and shared by every row and thread. TSC ticks per target element (2.596 GHz), one
+// thread, warm, 512x1408 -> 1024x2816 bf16, circular maps + LEMON (commit after 873d24b, built
+// with -DLEMON_STAGE_TSC): stage 0.13, Philox 0.62, gather 0.13, round 0.18, pass 0.65, encode
+// 0.73 staged; the passes were scalar before -fno-trapping-math (116M -> 32M instructions for
+// this tensor in callgrind's AVX2 run). benchmarks/stage_counters.py prints them.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -371,16 +374,19 @@ LEMON_CLONES void encode_row(const float* val, void* out, int64_t n, int kind) {
   else encode_t<kOutF32>(val, out, n);
 }
 
-// The fused row: out[j] = encode(STEP(draw, params[j], round(S'[r, col_map[j]] (* cf[j])))) for
-// the columns of one run (KIND 0: no split, no pass; 1: LEMON; 2: cancel). CONTIG: the run's
-// source values and draws are contiguous from sv / tbl (the caller offsets them), else indexed
-// through cidx / off. One loop: the value stays in a register from the gather to the store (the
-// unfused passes write and re-read a float row between stages).
+// The fused row: val[j] = STEP(draw, params[j], round(S'[r, col_map[j]] (* cf[j]))) for the
+// columns of one run (KIND 0: no split, no pass; 1: LEMON; 2: cancel). CONTIG: the run's source
+// values and draws are contiguous from sv / tbl (the caller offsets them), else indexed through
+// cidx / off. One loop: the value stays in a register from the gather to the result (the staged
+// passes write and re-read the row between stages). The encode to the output dtype stays a
+// separate sweep: storing from this loop into fresh output pages measured slower (whole Llama of
+// issue 14 in a fresh process: 383-391M TSC ticks for fused + store, against 78-84M fused + the
+// same 236M for the encode sweep as the staged path).
 template <int OUT, int KIND, bool CONTIG, bool HAS_CF>
 LEMON_HD void fused_t(const float* __restrict sv, const int32_t* __restrict cidx, const float* __restrict cf,
                       const float* __restrict tbl, const int32_t* __restrict off, const float* __restrict P,
                       const float* __restrict Q, const float* __restrict E, const float* __restrict L,
-                      typename OutT<OUT>::type* __restrict out, int64_t len) {
+                      float* __restrict val, int64_t len) {
   for (int64_t t = 0; t < len; ++t) {
     float x = CONTIG ? sv[t] : sv[cidx[t]];
     if constexpr (HAS_CF) x = x * cf[t];
@@ -389,14 +395,12 @@ LEMON_HD void fused_t(const float* __restrict sv, const int32_t* __restrict cidx
       const float u = CONTIG ? tbl[t] : tbl[off[t]];
       x = KIND == 1 ? lemon_step<OUT>(u, P[t], Q[t], E[t], L[t], x) : cancel_step<OUT>(u, P[t], Q[t], E[t], L[t], x);
     }
-    out[t] = encode<OUT>(x);
+    val[t] = x;
   }
 }
 
 template <int OUT, int KIND, bool HAS_CF>
-LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out_row) {
-  using O = typename OutT<OUT>::type;
-  O* out = static_cast<O*>(out_row);
+LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* val) {
   const ColumnPass* c = p.passes.empty() ? nullptr : &p.passes[0];
   const int32_t* cidx = p.cidx.data();
   const IndexRuns& runs = p.fused_runs;
@@ -408,20 +412,20 @@ LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, co
     const float* f = HAS_CF ? cf + j0 : nullptr;
     if (runs.contiguous[r])
       fused_t<OUT, KIND, true, HAS_CF>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl, nullptr, P, Q, E, L,
-                                       out + j0, len);
+                                       val + j0, len);
     else
-      fused_t<OUT, KIND, false, HAS_CF>(sv, cidx + j0, f, tbl, off, P, Q, E, L, out + j0, len);
+      fused_t<OUT, KIND, false, HAS_CF>(sv, cidx + j0, f, tbl, off, P, Q, E, L, val + j0, len);
   }
 }
 
 template <int OUT, int KIND>
-LEMON_HD void fused_row_k(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out) {
-  if (cf) fused_row_t<OUT, KIND, true>(sv, p, cf, tbl, out);
-  else fused_row_t<OUT, KIND, false>(sv, p, cf, tbl, out);
+LEMON_HD void fused_row_k(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* val) {
+  if (cf) fused_row_t<OUT, KIND, true>(sv, p, cf, tbl, val);
+  else fused_row_t<OUT, KIND, false>(sv, p, cf, tbl, val);
 }
 
 // kind: 0 no split (or no pass), 1 LEMON, 2 cancel.
-LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, void* out, int kind,
+LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* out, int kind,
                             int out_kind) {
   if (out_kind == kOutBF16) {
     if (kind == 1) fused_row_k<kOutBF16, 1>(sv, p, cf, tbl, out);
@@ -462,8 +466,10 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     if (p.fused) {
       // MODE 0 or no pass: kind 0 (encode(round(x)) == encode(x): the rounding is idempotent)
       const int kind = p.passes.empty() ? 0 : MODE == 1 ? 1 : 2;
-      fused_row(srow.data(), p, a.col_factor, tbl.data(), out, kind, OUT);
+      fused_row(srow.data(), p, a.col_factor, tbl.data(), val.data(), kind, OUT);
       LEMON_TSC_MARK(kTscFused);
+      encode_row(val.data(), out, a.ct, OUT);
+      LEMON_TSC_MARK(kTscEncode);
     } else {
     gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
     LEMON_TSC_MARK(kTscGather);

@@ -133,6 +133,9 @@ def main(argv=None) -> int:
 
     def run() -> int:
         from .checkpoint.expand import dry_run, expand_checkpoint
+        from .checkpoint.heap import keep_freed_pages
+
+        keep_freed_pages()  # this process only: freed target tensors are reused, not re-faulted
 
         if args.dry_run:
             text, errors = dry_run(args.src, args.dst, sizes=sizes, seed=args.seed, dtype=args.dtype,
