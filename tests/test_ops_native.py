@@ -134,6 +134,15 @@ def test_cpu_row_loop_variants_match_reference(build, philox, cpu_builds, expect
 
 
 @x86_only
+@pytest.mark.parametrize("build", ["clones", "baseline"])
+def test_cpu_staged_passes_match_reference(build, cpu_builds, expected):
+    """LEMON_EXT_CPU_FUSED=0: the staged passes (the path of widths over 2x and of sparse levels)
+    on every case the fused row takes by default: both give the reference's bytes."""
+    _, got = _run([str(cpu_builds[build])], LEMON_EXT_CPU_FUSED="0")
+    assert got == expected[301]
+
+
+@x86_only
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not found (it runs the AVX2 clones here)")
 def test_cpu_avx2_clones_under_valgrind_match_reference(cpu_builds, expected):
     isa, got = _run(["valgrind", "-q", "--error-exitcode=3", str(cpu_builds["clones"])])
