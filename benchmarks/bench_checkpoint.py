@@ -10,6 +10,7 @@ in the same run: once before the expansion (flat tensors, same bytes per shard) 
 memory, while "after" writes tensors that ``load_file`` maps from the page cache (faster here). The synthetic checkpoint and both outputs are deleted at the end.
 
     python benchmarks/bench_checkpoint.py [--source-gb 2.0] [--workdir /tmp/lemon_bench] [--json out.json]
+    python benchmarks/bench_checkpoint.py --cli [--reps 3]   # issue 14: lemon-expand / plain write
 """
 from __future__ import annotations
 
@@ -107,6 +108,94 @@ def child_probe(out, total_bytes, shard_bytes):
     print(json.dumps({"seconds": total_t, "bytes": total_bytes}))
 
 
+PLAIN_WRITE_CHILD = r"""
+import json, os, sys, time, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+src_dir, out = sys.argv[1], sys.argv[2]
+block = torch.randn(16 << 20).to(torch.bfloat16)  # 32 MB of random bits, tiled (the bytes do not matter)
+shards = []
+for name in sorted(os.listdir(src_dir)):
+    if name.endswith(".safetensors"):
+        with safe_open(os.path.join(src_dir, name), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        shards.append({k: block.repeat(-(-max(1, torch.Size(v).numel()) // block.numel()))[:torch.Size(v).numel()].clone().view(v)
+                       for k, v in shapes.items()})
+os.sync()
+t = time.perf_counter()
+for i, sd in enumerate(shards):
+    save_file(sd, os.path.join(out, f"plain-{i}.safetensors"), metadata={"format": "pt"})
+os.sync()
+print(json.dumps({"seconds": time.perf_counter() - t, "bytes": sum(v.nbytes for sd in shards for v in sd.values())}))
+"""
+
+
+def cli_against_plain_write(workdir: str, reps: int, json_out=None):
+    """Issue 14: `lemon-expand --device cpu` of a 0.4 GB sharded bf16 Llama (hidden 1024, FFN 2816,
+    16 / 4 heads, 12 layers, vocab 32000, untied) to 1.89 GB (hidden 2048, FFN 5632, 32 / 8 heads,
+    18 layers), against `safetensors.torch.save_file` + `os.sync()` of the same output bytes (same
+    shapes, same shard split) in a fresh process. Alternating runs, `os.sync()` before each; the
+    ratio of medians, for the whole command (imports and start-up included) and for the expansion
+    the command reports itself (its "wrote ... in N s")."""
+    import re
+    import resource
+    import statistics
+
+    sys.path.insert(0, ROOT)
+    from lemon_ext.checkpoint.testing import synthetic_llama_config
+
+    src, dst, plain = (os.path.join(workdir, n) for n in ("src", "dst", "plain"))
+    shutil.rmtree(workdir, ignore_errors=True)
+    generate(src, synthetic_llama_config(1024, 2816, 16, 4, 12, 32000))
+    cli = [sys.executable, "-m", "lemon_ext.cli", src, dst, "--hidden-size", "2048", "--intermediate-size", "5632",
+           "--num-attention-heads", "32", "--num-key-value-heads", "8", "--num-hidden-layers", "18", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    runs = {"command": [], "expansion": [], "plain": [], "peak_rss": []}
+    try:
+        for _ in range(reps):
+            shutil.rmtree(dst, ignore_errors=True)
+            os.sync()
+            t = time.perf_counter()
+            proc = subprocess.run(cli, env=env, capture_output=True, text=True)
+            runs["command"].append(time.perf_counter() - t)
+            if proc.returncode:
+                sys.exit(f"lemon-expand failed:\n{proc.stderr[-3000:]}")
+            runs["expansion"].append(float(re.search(r"bytes, ([\d.]+) s", proc.stderr).group(1)))
+            stages = re.search(r"stage seconds.*", proc.stderr).group(0)
+            if not runs["plain"]:  # ru_maxrss of children is a max over all of them: only before any plain write
+                runs["peak_rss"].append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+            shutil.rmtree(plain, ignore_errors=True)
+            os.makedirs(plain)
+            os.sync()
+            res = subprocess.run([sys.executable, "-c", PLAIN_WRITE_CHILD, dst, plain], capture_output=True, text=True)
+            if res.returncode:
+                sys.exit(f"plain write failed:\n{res.stderr[-3000:]}")
+            plain_run = json.loads(res.stdout.strip().splitlines()[-1])
+            runs["plain"].append(plain_run["seconds"])
+            print(f"lemon-expand {runs['command'][-1]:.2f} s (its expansion {runs['expansion'][-1]:.2f} s; {stages}); "
+                  f"plain write {runs['plain'][-1]:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in runs.items() if k != "peak_rss"}
+    import torch
+
+    res = {"what": "lemon-expand --device cpu vs save_file + os.sync of the same bytes", "target_bytes": plain_run["bytes"],
+           "reps": reps, **{f"{k}_s": v for k, v in med.items()}, "runs": runs,
+           "ratio_command": med["command"] / med["plain"], "ratio_expansion": med["expansion"] / med["plain"],
+           "peak_rss_gib": runs["peak_rss"][0] / 2**30, "cores": os.cpu_count(), "torch": torch.__version__,
+           "commit": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(f"\n| target GB | lemon-expand s (whole command) | its expansion s | plain write s | ratio command / "
+          f"expansion | peak RSS GiB (first run) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {res['target_bytes'] / 1e9:.2f} | {med['command']:.2f} | {med['expansion']:.2f} | {med['plain']:.2f} | "
+          f"{res['ratio_command']:.2f} / {res['ratio_expansion']:.2f} | {res['peak_rss_gib']:.2f} |")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--source-gb", type=float, default=2.0)
@@ -114,7 +203,12 @@ def main():
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs="*")
+    ap.add_argument("--cli", action="store_true",
+                    help="issue 14: lemon-expand (0.4 -> 1.89 GB) against a plain write of the same bytes")
+    ap.add_argument("--reps", type=int, default=3, help="--cli: alternating runs of each")
     a = ap.parse_args()
+    if a.cli:
+        return cli_against_plain_write(a.workdir, a.reps, a.json)
     if a.child:
         if a.child[0] == "expand":
             child_expand(a.child[1], a.child[2], json.loads(a.child[3]), a.child[4])

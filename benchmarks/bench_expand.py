@@ -13,6 +13,7 @@ on GPU, a simple median of wall times on CPU.
 CPU runs use scaled-down shapes by default (the GPU shapes take minutes per row on 2 cores); say
 ``--shapes`` to choose. Rows go to ``--out`` (.csv or .json) with device, versions and commit.
 
+    python benchmarks/bench_expand.py --model            # CPU: expand_state_dict / fresh-output floor
     python benchmarks/bench_expand.py --quick            # CPU, a few minutes
     python benchmarks/bench_expand.py --out $OUT/bench.json   # GPU: the three full shapes
     python benchmarks/bench_expand.py --gpu-check --out $OUT/bench.json  # GPU: the rows with targets
@@ -173,6 +174,71 @@ def bench_case(device, backend, shape, dtype, kind, noise, measure, reps, triton
     }
 
 
+# --model: whole-model expand_state_dict against the fresh-output floor (issue 14). Each run is
+# its own process, so every output page is new for the op and for the floor alike (in one process
+# glibc recycles freed blocks and the floor would look 5x cheaper than it is).
+MODEL_CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import lemon_ext
+from bench_engine import llama_config, random_state_dict
+what, width, dtype = sys.argv[2], float(sys.argv[3]), getattr(torch, sys.argv[4])
+cfg = llama_config(hidden=512, layers=4, ffn=1408, heads=8, kv_heads=4, vocab=8000)
+target = dict(hidden_size=int(512 * width), intermediate_size=int(1408 * width), num_attention_heads=int(8 * width),
+              num_key_value_heads=int(4 * width), num_hidden_layers=6)
+sd = random_state_dict(cfg, dtype)
+shapes = [(s.target_shape, dtype) for s in lemon_ext.plan_expansion(cfg, **target).specs]
+small = llama_config(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, vocab=128)  # warm code paths only
+lemon_ext.expand_state_dict(random_state_dict(small, dtype), small, backend="cpu", hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
+                            intermediate_size=256, num_hidden_layers=3)
+torch.empty(1024).fill_(1.0)
+t, c = time.perf_counter(), time.process_time()
+if what == "op":
+    out = lemon_ext.expand_state_dict(sd, cfg, backend="cpu", **target)[0]
+else:  # the floor of any op returning new tensors: allocate each target tensor, fill it, keep it
+    out = [torch.empty(shape, dtype=dt).fill_(1.0) for shape, dt in shapes]
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"wall": wall, "cpu": cpu, "elements": sum(x.numel() for x in (out.values() if isinstance(out, dict) else out))}))
+"""
+MODEL_CASES = [(2.0, "bfloat16"), (1.5, "bfloat16"), (2.0, "float32")]
+
+
+def model_floor(reps: int, out_path=None):
+    """Issue 14's bf16 Llama (vocab 8000, 512 -> 1024 hidden, 1408 -> 2816 FFN, 8 -> 16 heads,
+    4 -> 8 kv heads, 4 -> 6 layers; 87.2M target elements) through expand_state_dict(backend="cpu"),
+    and its 1.5x width and fp32 variants: median wall time of ``reps`` fresh processes each, op and
+    floor alternating, and the ratio op / floor (target: <= 2)."""
+    here = str(Path(__file__).resolve().parent)
+    rows = []
+    for width, dtype in MODEL_CASES:
+        runs = {"op": [], "floor": []}
+        for _ in range(reps):
+            for what in ("op", "floor"):
+                res = subprocess.run([sys.executable, "-c", MODEL_CHILD, here, what, str(width), dtype],
+                                     capture_output=True, text=True, timeout=600)
+                if res.returncode:
+                    raise SystemExit(res.stderr[-3000:])
+                runs[what].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        med = {w: statistics.median(r["wall"] for r in rs) for w, rs in runs.items()}
+        row = {"what": "expand_state_dict vs fresh-output floor", "width": width, "dtype": dtype,
+               "target_elements": runs["op"][0]["elements"], "op_s": med["op"], "floor_s": med["floor"],
+               "ratio": med["op"] / med["floor"], "op_runs": [round(r["wall"], 4) for r in runs["op"]],
+               "floor_runs": [round(r["wall"], 4) for r in runs["floor"]],
+               "op_cpu_s": statistics.median(r["cpu"] for r in runs["op"]), "commit": git_commit(),
+               "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        rows.append(row)
+        print(f"{width}x {dtype}: op {row['op_s'] * 1e3:.1f} ms, floor {row['floor_s'] * 1e3:.1f} ms, "
+              f"ratio {row['ratio']:.2f} (runs op {row['op_runs']}, floor {row['floor_runs']})", flush=True)
+    print("\n| model (Llama 512 -> width x, 4 -> 6 layers) | dtype | target elements | op ms | fresh-output floor ms "
+          "| op / floor |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['width']}x | {r['dtype']} | {r['target_elements'] / 1e6:.1f}M | {r['op_s'] * 1e3:.1f} | "
+              f"{r['floor_s'] * 1e3:.1f} | {r['ratio']:.2f} |")
+    _write(out_path, rows)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,11 +249,15 @@ def main(argv=None):
     p.add_argument("--fallback-memory", action="store_true",
                    help="the torch fallback's temporary memory and time, row blocks vs one piece (not with --quick), "
                         "vs the C++ kernel; --shapes picks the tensor (default 16000x512:16000x1024)")
+    p.add_argument("--model", action="store_true",
+                   help="issue 14: whole-model expand_state_dict against the fresh-output floor, fresh processes")
     p.add_argument("--backends", nargs="*", help="default: every present backend for the device")
     p.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
     p.add_argument("--reps", type=int, help="timed repetitions on CPU (default 5, --quick 3)")
     p.add_argument("--out", help=".csv or .json file for the rows")
     a = p.parse_args(argv)
+    if a.model:
+        return model_floor(a.reps or 5, a.out)
     if a.fallback_memory:
         return fallback_memory(a.out, *(a.shapes or [])[:1], one_piece=not a.quick)
     device = a.device
