@@ -450,6 +450,22 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
   std::vector<float> srow(a.cs + 2), val(a.ct);
   std::vector<float> tbl(std::max<size_t>(size_t(std::max(p.slots, 1)) * p.stride, 4));  // >= 1 entry
   const PhiloxQuadsFn philox_quads = philox_quads_best();
+  // FREE columns draw per *target* column quad (c0 = (j + col_offset) >> 2): the distinct quads,
+  // padded to kPhiloxBlock, drawn per row by the vectorised Philox into free_tbl (word l of quad q
+  // at 4 (q - q0) + l). One scalar Philox call per quad cost ~52 ns: a 1.5x-wide Llama's stream
+  // tails (FREE) made its expand_state_dict 3.6x the fresh-output floor.
+  std::vector<int32_t> free_quads;
+  const int64_t q0 = p.free_cols.empty() ? 0 : (p.free_cols.front() + a.col_offset) >> 2;
+  const bool free_vectorised = !p.free_cols.empty() && a.noise_std != 0.0f &&
+                               ((p.free_cols.back() + a.col_offset) >> 2) < (int64_t(1) << 31);
+  if (free_vectorised) {
+    for (int64_t j : p.free_cols) {
+      const int32_t q = int32_t((j + a.col_offset) >> 2);
+      if (free_quads.empty() || free_quads.back() != q) free_quads.push_back(q);
+    }
+    while (free_quads.size() % kPhiloxBlock) free_quads.push_back(free_quads.back());
+  }
+  std::vector<float> free_tbl(free_vectorised ? 4 * (free_quads.back() - q0 + 1) : 0);
   for (int64_t i = begin; i < end; ++i) {
     O* __restrict out = static_cast<O*>(a.out) + i * a.ct;
     const int64_t r = a.row_map[i];
@@ -461,7 +477,7 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     const uint32_t row = uint32_t(uint64_t(i + a.row_offset));
     for (int t = 0; t < p.slots; ++t)
       philox_quads(p.slot_quads[t].data(), int64_t(p.slot_quads[t].size()), row, p.base + uint32_t(t), a.key,
-                   tbl.data() + t * p.stride);
+                   tbl.data() + t * p.stride, 0);
     LEMON_TSC_MARK(kTscPhilox);
     if (p.fused) {
       // MODE 0 or no pass: kind 0 (encode(round(x)) == encode(x): the rounding is idempotent)
@@ -488,6 +504,13 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     LEMON_TSC_MARK(kTscEncode);
     }
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
+    if (free_vectorised) {
+      philox_quads(free_quads.data(), int64_t(free_quads.size()), row, kStreamFree, a.key, free_tbl.data(), q0);
+      for (int64_t j : p.free_cols)
+        out[j] = encode<OUT>(free_value(free_tbl[j + a.col_offset - 4 * q0], a.noise_std));
+      LEMON_TSC_MARK(kTscTail);
+      continue;
+    }
     int64_t last_quad = -1;
     Words w{};
     for (int64_t j : p.free_cols) {  // free columns: draws per *target* column quad

@@ -1,6 +1,6 @@
 // Philox4x32-10 draws for a list of source-column quads of one row, vectorised across quads.
 //
-// philox_quads(quads, n, row, stream, key, dst) writes dst[4 q + l] = U(row, 4 q + l, stream) for
+// philox_quads(quads, n, row, stream, key, dst, base) writes dst[4 (q - base) + l] = U(row, 4 q + l, stream) for
 // every quad q in quads[0, n) (the counter layout of lemon_ext/noise.py: c = (q, row, stream, 0),
 // word l). n must be a multiple of kPhiloxBlock: callers pad their lists by repeating the last
 // quad (a repeated quad is written twice with the same value). A list, not a range: deep LEMON
@@ -29,11 +29,11 @@ namespace lemon {
 constexpr int64_t kPhiloxBlock = 16;
 
 inline void philox_quads_scalar(const int32_t* quads, int64_t n, uint32_t row, uint32_t stream, PhiloxKey key,
-                                float* dst) {
+                                float* dst, int64_t base = 0) {
   for (int64_t k = 0; k < n; ++k) {
     const int64_t q = quads[k];
     const Words w = philox(uint32_t(q), row, stream, 0u, key.k0, key.k1);
-    for (int l = 0; l < 4; ++l) dst[4 * q + l] = to_uniform(w.w[l]);
+    for (int l = 0; l < 4; ++l) dst[4 * (q - base) + l] = to_uniform(w.w[l]);
   }
 }
 
@@ -53,7 +53,8 @@ __attribute__((target("avx512f"))) inline __m512 uniform_512(__m512i w) {
 // quad on the dev VM), four keep the multipliers busy (~8 ns; the scalar path takes ~52 ns).
 template <int NB>
 __attribute__((target("avx512f"))) inline void philox_blocks_avx512(const int32_t* quads, uint32_t row,
-                                                                   uint32_t stream, PhiloxKey key, float* dst) {
+                                                                   uint32_t stream, PhiloxKey key, float* dst,
+                                                                   int64_t base) {
   const __m512i m0 = _mm512_set1_epi32(int32_t(0xD2511F53u)), m1 = _mm512_set1_epi32(int32_t(0xCD9E8D57u));
   __m512i c0[NB], c1[NB], c2[NB], c3[NB];
   for (int b = 0; b < NB; ++b) {
@@ -86,20 +87,21 @@ __attribute__((target("avx512f"))) inline void philox_blocks_avx512(const int32_
     // quad quads[16 b + 4 L + s] sits in 128-bit lane L of r_s
     const int32_t* qb = quads + 16 * b;
 #define LEMON_STORE_LANE(L)                                                      \
-    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 0]), _mm512_extractf32x4_ps(r0, L)); \
-    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 1]), _mm512_extractf32x4_ps(r1, L)); \
-    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 2]), _mm512_extractf32x4_ps(r2, L)); \
-    _mm_storeu_ps(dst + 4 * int64_t(qb[4 * L + 3]), _mm512_extractf32x4_ps(r3, L));
+    _mm_storeu_ps(dst + 4 * (int64_t(qb[4 * L + 0]) - base), _mm512_extractf32x4_ps(r0, L)); \
+    _mm_storeu_ps(dst + 4 * (int64_t(qb[4 * L + 1]) - base), _mm512_extractf32x4_ps(r1, L)); \
+    _mm_storeu_ps(dst + 4 * (int64_t(qb[4 * L + 2]) - base), _mm512_extractf32x4_ps(r2, L)); \
+    _mm_storeu_ps(dst + 4 * (int64_t(qb[4 * L + 3]) - base), _mm512_extractf32x4_ps(r3, L));
     LEMON_STORE_LANE(0) LEMON_STORE_LANE(1) LEMON_STORE_LANE(2) LEMON_STORE_LANE(3)
 #undef LEMON_STORE_LANE
   }
 }
 
 __attribute__((target("avx512f"))) inline void philox_quads_avx512(const int32_t* quads, int64_t n, uint32_t row,
-                                                                  uint32_t stream, PhiloxKey key, float* dst) {
+                                                                  uint32_t stream, PhiloxKey key, float* dst,
+                                                                  int64_t base = 0) {
   int64_t k = 0;
-  for (; k + 64 <= n; k += 64) philox_blocks_avx512<4>(quads + k, row, stream, key, dst);
-  for (; k < n; k += 16) philox_blocks_avx512<1>(quads + k, row, stream, key, dst);
+  for (; k + 64 <= n; k += 64) philox_blocks_avx512<4>(quads + k, row, stream, key, dst, base);
+  for (; k < n; k += 16) philox_blocks_avx512<1>(quads + k, row, stream, key, dst, base);
 }
 
 __attribute__((target("avx2"))) inline __m256i mulhi_u32_256(__m256i a, __m256i m) {
@@ -114,7 +116,8 @@ __attribute__((target("avx2"))) inline __m256 uniform_256(__m256i w) {
 }
 
 __attribute__((target("avx2"))) inline void philox_quads_avx2(const int32_t* quads, int64_t n, uint32_t row,
-                                                             uint32_t stream, PhiloxKey key, float* dst) {
+                                                             uint32_t stream, PhiloxKey key, float* dst,
+                                                             int64_t base = 0) {
   const __m256i m0 = _mm256_set1_epi32(int32_t(0xD2511F53u)), m1 = _mm256_set1_epi32(int32_t(0xCD9E8D57u));
   for (int64_t k = 0; k < n; k += 8) {
     __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quads + k));
@@ -138,14 +141,14 @@ __attribute__((target("avx2"))) inline void philox_quads_avx2(const int32_t* qua
                          _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
     const int32_t* qb = quads + k;  // quad qb[4 L + i] sits in 128-bit lane L of r[i]
     for (int i = 0; i < 4; ++i) {
-      _mm_storeu_ps(dst + 4 * int64_t(qb[i]), _mm256_castps256_ps128(r[i]));
-      _mm_storeu_ps(dst + 4 * int64_t(qb[4 + i]), _mm256_extractf128_ps(r[i], 1));
+      _mm_storeu_ps(dst + 4 * (int64_t(qb[i]) - base), _mm256_castps256_ps128(r[i]));
+      _mm_storeu_ps(dst + 4 * (int64_t(qb[4 + i]) - base), _mm256_extractf128_ps(r[i], 1));
     }
   }
 }
 #endif
 
-using PhiloxQuadsFn = void (*)(const int32_t*, int64_t, uint32_t, uint32_t, PhiloxKey, float*);
+using PhiloxQuadsFn = void (*)(const int32_t*, int64_t, uint32_t, uint32_t, PhiloxKey, float*, int64_t);
 
 // The widest path this CPU runs, decided once. LEMON_EXT_PHILOX=avx2 or =scalar picks a narrower
 // one (the tests run every path on an AVX-512 machine that way; an unsupported choice is ignored).
