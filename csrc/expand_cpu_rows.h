@@ -112,6 +112,10 @@ struct CpuPlan {
   // registers, along runs where the column map and the pass's draws index are both contiguous.
   bool fused = false;
   IndexRuns fused_runs;
+  // LEMON in the fused row is one level of pairs (groups of at most 2, an even split): per column
+  // 0 (right part), 1 (left part) or 2 (untouched: a group of one); the coefficient is computed per
+  // draw (pair_coefficients), not per column.
+  std::vector<float> pair_side;
 };
 
 constexpr int kMaxFusedPasses = 1;
@@ -232,6 +236,11 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     std::vector<const int32_t*> idx{p.cidx.data()};
     for (const ColumnPass& c : p.passes) idx.push_back(c.off.data());
     p.fused_runs = make_runs(idx, ct);
+    if (split == kSplitLemon && !p.passes.empty()) {
+      const ColumnPass& c = p.passes[0];
+      p.pair_side.assign(ct, 2.0f);
+      for (const int32_t j : c.active) p.pair_side[j] = c.l[j];
+    }
   }
   p.slot_quads.resize(p.slots);
   for (int t = 0; t < p.slots; ++t) {
@@ -375,32 +384,41 @@ LEMON_CLONES void encode_row(const float* val, void* out, int64_t n, int kind) {
 }
 
 // The fused row: val[j] = STEP(draw, params[j], round(S'[r, col_map[j]] (* cf[j]))) for the
-// columns of one run (KIND 0: no split, no pass; 1: LEMON; 2: cancel). CONTIG: the run's source
-// values and draws are contiguous from sv / tbl (the caller offsets them), else indexed through
-// cidx / off. One loop: the value stays in a register from the gather to the result (the staged
+// columns of one run (KIND 0: no split, no pass; 1: LEMON pairs; 2: cancel). CONTIG: the run's
+// source values and draws are contiguous from sv / tbl (the caller offsets them), else indexed
+// through cidx / off. KIND 1 reads the per-draw coefficient a and swap s (tbl = a, S = s; see
+// pair_coefficients) and the column's side L: first = round(a x), (L != s) ? first : x - first,
+// or x for L = 2; lemon_step's float ops on the same operands, so the same bits. One loop: the value stays in a register from the gather to the result (the staged
 // passes write and re-read the row between stages). The encode to the output dtype stays a
 // separate sweep: storing from this loop into fresh output pages measured slower (whole Llama of
 // issue 14 in a fresh process: 383-391M TSC ticks for fused + store, against 78-84M fused + the
 // same 236M for the encode sweep as the staged path).
-template <int OUT, int KIND, bool CONTIG, bool HAS_CF>
+template <int OUT, int KIND, bool CONTIG, bool HAS_CF, bool NO_NAN>
 LEMON_HD void fused_t(const float* __restrict sv, const int32_t* __restrict cidx, const float* __restrict cf,
-                      const float* __restrict tbl, const int32_t* __restrict off, const float* __restrict P,
-                      const float* __restrict Q, const float* __restrict E, const float* __restrict L,
-                      float* __restrict val, int64_t len) {
+                      const float* __restrict tbl, const float* __restrict S, const int32_t* __restrict off,
+                      const float* __restrict P, const float* __restrict Q, const float* __restrict E,
+                      const float* __restrict L, float* __restrict val, int64_t len) {
   for (int64_t t = 0; t < len; ++t) {
     float x = CONTIG ? sv[t] : sv[cidx[t]];
     if constexpr (HAS_CF) x = x * cf[t];
-    if constexpr (KIND != 0) {
+    if constexpr (KIND == 1) {
+      x = NO_NAN ? round_out_no_nan<OUT>(x) : round_out<OUT>(x);
+      const float a = CONTIG ? tbl[t] : tbl[off[t]], swap = CONTIG ? S[t] : S[off[t]];
+      const float first = NO_NAN ? round_out_no_nan<OUT>(a * x) : round_out<OUT>(a * x);
+      const float split = (L[t] != swap) ? first : x - first;
+      x = L[t] == 2.0f ? x : split;
+    } else if constexpr (KIND == 2) {
       x = round_out<OUT>(x);
       const float u = CONTIG ? tbl[t] : tbl[off[t]];
-      x = KIND == 1 ? lemon_step<OUT>(u, P[t], Q[t], E[t], L[t], x) : cancel_step<OUT>(u, P[t], Q[t], E[t], L[t], x);
+      x = cancel_step<OUT>(u, P[t], Q[t], E[t], L[t], x);
     }
     val[t] = x;
   }
 }
 
-template <int OUT, int KIND, bool HAS_CF>
-LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* val) {
+template <int OUT, int KIND, bool HAS_CF, bool NO_NAN>
+LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, const float* swaps,
+                          float* val) {
   const ColumnPass* c = p.passes.empty() ? nullptr : &p.passes[0];
   const int32_t* cidx = p.cidx.data();
   const IndexRuns& runs = p.fused_runs;
@@ -408,37 +426,63 @@ LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, co
     const int64_t j0 = runs.start[r], len = runs.len[r];
     const int32_t* off = c ? c->off.data() + j0 : nullptr;
     const float *P = c ? c->p.data() + j0 : nullptr, *Q = c ? c->q.data() + j0 : nullptr,
-                *E = c ? c->e.data() + j0 : nullptr, *L = c ? c->l.data() + j0 : nullptr;
+                *E = c ? c->e.data() + j0 : nullptr;
+    const float* L = KIND == 1 ? p.pair_side.data() + j0 : c ? c->l.data() + j0 : nullptr;
     const float* f = HAS_CF ? cf + j0 : nullptr;
     if (runs.contiguous[r])
-      fused_t<OUT, KIND, true, HAS_CF>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl, nullptr, P, Q, E, L,
-                                       val + j0, len);
+      fused_t<OUT, KIND, true, HAS_CF, NO_NAN>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl, c ? swaps + off[0] : swaps,
+                                       nullptr, P, Q, E, L, val + j0, len);
     else
-      fused_t<OUT, KIND, false, HAS_CF>(sv, cidx + j0, f, tbl, off, P, Q, E, L, val + j0, len);
+      fused_t<OUT, KIND, false, HAS_CF, NO_NAN>(sv, cidx + j0, f, tbl, swaps, off, P, Q, E, L, val + j0, len);
   }
 }
 
 template <int OUT, int KIND>
-LEMON_HD void fused_row_k(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* val) {
-  if (cf) fused_row_t<OUT, KIND, true>(sv, p, cf, tbl, val);
-  else fused_row_t<OUT, KIND, false>(sv, p, cf, tbl, val);
+LEMON_HD void fused_row_k(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, const float* swaps,
+                          float* val, bool no_nan) {
+  if (KIND == 1 && no_nan) {
+    if (cf) fused_row_t<OUT, KIND, true, true>(sv, p, cf, tbl, swaps, val);
+    else fused_row_t<OUT, KIND, false, true>(sv, p, cf, tbl, swaps, val);
+  } else {
+    if (cf) fused_row_t<OUT, KIND, true, false>(sv, p, cf, tbl, swaps, val);
+    else fused_row_t<OUT, KIND, false, false>(sv, p, cf, tbl, swaps, val);
+  }
 }
 
-// kind: 0 no split (or no pass), 1 LEMON, 2 cancel.
-LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, float* out, int kind,
-                            int out_kind) {
+// True when none of x[0, n) is inf or NaN (exponent bits all ones), branch-free so it vectorises.
+LEMON_CLONES bool all_finite(const float* __restrict x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= uint32_t((f2u(x[k]) & 0x7F800000u) == 0x7F800000u);
+  return bad == 0;
+}
+
+// Per-draw coefficients of a LEMON pair (an even split: p = 1/2, q = 1/4, e = 1 in lemon_step):
+// s = u >= 1/2, a = 1/2 + 1/4 (2u - (s + (1 - 1))) for every draws-table entry; a pair's two
+// columns share the entry, so at 2x width this is half the per-column work.
+LEMON_CLONES void pair_coefficients(const float* __restrict u, float* __restrict a, float* __restrict s, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float swap = u[k] >= 0.5f ? 1.0f : 0.0f;
+    s[k] = swap;
+    a[k] = 0.5f + 0.25f * (2.0f * u[k] - (swap + (1.0f - 1.0f)));
+  }
+}
+
+// kind: 0 no split (or no pass), 1 LEMON pairs (tbl: coefficients a, swaps: s), 2 cancel (tbl: draws).
+// no_nan: the staged row and the column factors are finite (all_finite), so nothing rounded is NaN.
+LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, const float* tbl, const float* swaps,
+                            float* out, int kind, int out_kind, bool no_nan) {
   if (out_kind == kOutBF16) {
-    if (kind == 1) fused_row_k<kOutBF16, 1>(sv, p, cf, tbl, out);
-    else if (kind == 2) fused_row_k<kOutBF16, 2>(sv, p, cf, tbl, out);
-    else fused_row_k<kOutBF16, 0>(sv, p, cf, tbl, out);
+    if (kind == 1) fused_row_k<kOutBF16, 1>(sv, p, cf, tbl, swaps, out, no_nan);
+    else if (kind == 2) fused_row_k<kOutBF16, 2>(sv, p, cf, tbl, swaps, out, no_nan);
+    else fused_row_k<kOutBF16, 0>(sv, p, cf, tbl, swaps, out, no_nan);
   } else if (out_kind == kOutF16) {
-    if (kind == 1) fused_row_k<kOutF16, 1>(sv, p, cf, tbl, out);
-    else if (kind == 2) fused_row_k<kOutF16, 2>(sv, p, cf, tbl, out);
-    else fused_row_k<kOutF16, 0>(sv, p, cf, tbl, out);
+    if (kind == 1) fused_row_k<kOutF16, 1>(sv, p, cf, tbl, swaps, out, no_nan);
+    else if (kind == 2) fused_row_k<kOutF16, 2>(sv, p, cf, tbl, swaps, out, no_nan);
+    else fused_row_k<kOutF16, 0>(sv, p, cf, tbl, swaps, out, no_nan);
   } else {
-    if (kind == 1) fused_row_k<kOutF32, 1>(sv, p, cf, tbl, out);
-    else if (kind == 2) fused_row_k<kOutF32, 2>(sv, p, cf, tbl, out);
-    else fused_row_k<kOutF32, 0>(sv, p, cf, tbl, out);
+    if (kind == 1) fused_row_k<kOutF32, 1>(sv, p, cf, tbl, swaps, out, no_nan);
+    else if (kind == 2) fused_row_k<kOutF32, 2>(sv, p, cf, tbl, swaps, out, no_nan);
+    else fused_row_k<kOutF32, 0>(sv, p, cf, tbl, swaps, out, no_nan);
   }
 }
 
@@ -449,6 +493,8 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
   using O = typename OutT<OUT>::type;
   std::vector<float> srow(a.cs + 2), val(a.ct);
   std::vector<float> tbl(std::max<size_t>(size_t(std::max(p.slots, 1)) * p.stride, 4));  // >= 1 entry
+  std::vector<float> coef(p.fused && MODE == 1 ? size_t(p.stride) : 0), swaps(coef.size());
+  const bool cf_finite = !(p.fused && MODE == 1) || !a.col_factor || all_finite(a.col_factor, a.ct);
   const PhiloxQuadsFn philox_quads = philox_quads_best();
   // FREE columns draw per *target* column quad (c0 = (j + col_offset) >> 2): the distinct quads,
   // padded to kPhiloxBlock, drawn per row by the vectorised Philox into free_tbl (word l of quad q
@@ -482,7 +528,10 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     if (p.fused) {
       // MODE 0 or no pass: kind 0 (encode(round(x)) == encode(x): the rounding is idempotent)
       const int kind = p.passes.empty() ? 0 : MODE == 1 ? 1 : 2;
-      fused_row(srow.data(), p, a.col_factor, tbl.data(), val.data(), kind, OUT);
+      if (kind == 1) pair_coefficients(tbl.data(), coef.data(), swaps.data(), p.stride);
+      const bool no_nan = kind == 1 && cf_finite && all_finite(srow.data(), a.cs + 2);
+      fused_row(srow.data(), p, a.col_factor, kind == 1 ? coef.data() : tbl.data(), swaps.data(), val.data(), kind, OUT,
+                no_nan);
       LEMON_TSC_MARK(kTscFused);
       encode_row(val.data(), out, a.ct, OUT);
       LEMON_TSC_MARK(kTscEncode);

@@ -128,6 +128,19 @@ LEMON_HD float round_out(float x) {
   return x;
 }
 
+// round_out for an input known not to be NaN: the same bits without the NaN select (bf16:
+// +-inf and overflow to inf come out of the rounding formula itself). The CPU fused row uses it
+// when the staged source row and the column factors are all finite (then no value it rounds can
+// be NaN: a split coefficient is in [1/2, 1]).
+template <int OUT>
+LEMON_HD float round_out_no_nan(float x) {
+  if (OUT == kOutBF16) {
+    const uint32_t u = f2u(x);
+    return u2f((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  }
+  return round_out<OUT>(x);
+}
+
 // ---- split modes: the value of target column j (source column c, group size n, rank m) ------
 // `U(stream)` returns the draw for (this row, c, stream). All inputs float32; see reference.py.
 
