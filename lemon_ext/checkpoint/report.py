@@ -1,6 +1,7 @@
 """The non-weight files of the output: config, copied tokenizer/generation files, model card, report."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,10 +47,12 @@ def versions() -> dict:
         out["lemon_ext"] = lemon_version
     except ImportError:  # pragma: no cover
         pass
-    for mod in ("safetensors", "transformers"):
+    # Installed versions from package metadata, not by importing: importing transformers for its
+    # version took 1.2 s of a 6.3 s lemon-expand run (0.4 -> 1.89 GB, 2-core dev VM).
+    for dist in ("safetensors", "transformers"):
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return out
 
