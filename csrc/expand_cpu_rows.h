@@ -486,6 +486,20 @@ LEMON_CLONES void fused_row(const float* sv, const CpuPlan& p, const float* cf, 
   }
 }
 
+// out[t] = FREE value of draw u[t], t < n (a run of consecutive FREE columns), vectorised: the
+// tails of widths that are no multiple of the source's are FREE (a third of a 1.5x stream
+// tensor), and one column at a time they cost 61M TSC ticks of a 1.5x Llama's 150M.
+template <int OUT>
+LEMON_HD void free_run_t(const float* __restrict u, float noise_std, typename OutT<OUT>::type* __restrict out,
+                         int64_t n) {
+  for (int64_t t = 0; t < n; ++t) out[t] = encode<OUT>(free_value(u[t], noise_std));
+}
+LEMON_CLONES void free_run(const float* u, float noise_std, void* out, int64_t n, int out_kind) {
+  if (out_kind == kOutBF16) free_run_t<kOutBF16>(u, noise_std, static_cast<uint16_t*>(out), n);
+  else if (out_kind == kOutF16) free_run_t<kOutF16>(u, noise_std, static_cast<uint16_t*>(out), n);
+  else free_run_t<kOutF32>(u, noise_std, static_cast<float*>(out), n);
+}
+
 // Target rows [begin, end). MODE 0: no split, 1: LEMON, 3: cancel (both vectorised column
 // passes), 2: any other split (scalar, runtime switch).
 template <int OUT, int MODE>
@@ -512,6 +526,11 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     while (free_quads.size() % kPhiloxBlock) free_quads.push_back(free_quads.back());
   }
   std::vector<float> free_tbl(free_vectorised ? 4 * (free_quads.back() - q0 + 1) : 0);
+  std::vector<int64_t> free_runs;  // (first column, length) of each run of consecutive FREE columns
+  for (size_t k = 0; k < p.free_cols.size(); ++k) {
+    if (k > 0 && p.free_cols[k] == p.free_cols[k - 1] + 1) ++free_runs.back();
+    else free_runs.insert(free_runs.end(), {p.free_cols[k], 1});
+  }
   {
     // First touch of this task's output pages in a tight loop, before any compute: a fresh output
     // (at::empty above a few hundred KB) faults in zeroed pages on its first write, and those
@@ -566,8 +585,9 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
     if (free_vectorised) {
       philox_quads(free_quads.data(), int64_t(free_quads.size()), row, kStreamFree, a.key, free_tbl.data(), q0);
-      for (int64_t j : p.free_cols)
-        out[j] = encode<OUT>(free_value(free_tbl[j + a.col_offset - 4 * q0], a.noise_std));
+      for (size_t k = 0; k < free_runs.size(); k += 2)
+        free_run(free_tbl.data() + (free_runs[k] + a.col_offset - 4 * q0), a.noise_std, out + free_runs[k],
+                 free_runs[k + 1], OUT);
       LEMON_TSC_MARK(kTscTail);
       continue;
     }
