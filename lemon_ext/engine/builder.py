@@ -69,10 +69,16 @@ class SpecBuilder:
         the layer's units dead until the output weights move). An odd unit count leaves one unit
         unpaired.
         """
-        key = (rule, source_length, paired)
+        key = (rule, source_length, paired and self._has_units(rule))  # pairing changes unit axes only
         if key not in self._axes:
             self._axes[key] = self._build_axis(rule, source_length, paired)
         return self._axes[key]
+
+    def _has_units(self, rule) -> bool:
+        """Whether ``rule`` (or a segment of it) replicates units (heads, neurons)."""
+        if isinstance(rule, tuple):
+            return any(self._has_units(r) for r in (rule[1:] if rule[0] == "experts" else rule))
+        return rule in self._units()
 
     def _build_axis(self, rule, source_length: int, paired: bool) -> torch.Tensor:
         if isinstance(rule, tuple) and rule[0] == "experts":

@@ -150,11 +150,13 @@ class HostMaps:
     def __init__(self, row_map: torch.Tensor, col_map: torch.Tensor):
         self.row_map = row_map.to(torch.int64).contiguous()
         self.col_map = col_map.to(torch.int64).contiguous()
-        self.group_size, self.group_pos = group_layout(self.col_map)
-        self.hints = reference.map_hints(self.row_map, self.col_map, self.group_size)
-        rm, cm = self.row_map, self.col_map
+        # The column side (group layout, hints, range) is most of the digest and many pairs share
+        # a column map (every tensor reading the hidden stream): digested once per column map.
+        self.group_size, self.group_pos, col_hints, self.col_range = _COLUMN_DIGESTS.get(
+            (col_map,), lambda: _digest_columns(self.col_map))
+        rm = self.row_map
+        self.hints = dataclasses.replace(col_hints, has_row_mean=bool((rm == MEAN).any()))
         self.row_range = (int(rm.min()), int(rm.max())) if rm.numel() else None
-        self.col_range = (int(cm.min()), int(cm.max())) if cm.numel() else None
         self._pinned: dict[str, torch.Tensor] = {}
 
     def check(self, shape) -> None:
@@ -193,35 +195,56 @@ class HostMaps:
         return up["row_map"], up["col_map"], up["group_size"], up["group_pos"], hints
 
 
-_MAPS_CACHE: collections.OrderedDict = collections.OrderedDict()
-_MAPS_LOCK = threading.Lock()
+def _digest_columns(col_map: torch.Tensor):
+    """(group_size, group_pos, MapHints of the column side, (min, max) or None) of an int64 map."""
+    group_size, group_pos = group_layout(col_map)
+    hints = reference.map_hints(col_map[:0], col_map, group_size)
+    col_range = (int(col_map.min()), int(col_map.max())) if col_map.numel() else None
+    return group_size, group_pos, hints, col_range
+
+
+class _IdentityCache:
+    """Values built from host tensors, cached by the tensors' identity and in-place version
+    (a few entries, least recently used out; thread-safe)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tensors: tuple, build):
+        key = tuple(id(t) for t in tensors)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                refs, versions, value = hit
+                if all(r() is t and v == t._version for r, v, t in zip(refs, versions, tensors)):
+                    self._entries.move_to_end(key)
+                    return value
+        value = build()
+        with self._lock:
+            self._entries[key] = (tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors), value)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+
 # A few entries: the pipeline prepares the next spec's maps while this one launches, and a caller
 # repeating one map pair hits. Not more: 256 long-lived entries (3.5 MB of tensors) scattered
 # small blocks through the heap and raised the streaming tool's peak RSS by 131 MiB (8: +1 MiB,
 # tests/test_cli_subprocess.py's 49 MB -> 287 MB checkpoint, measured against no cache).
 # 32 holds every distinct pair of one plan (a Llama layer has ~10, its new layers ~10 more; the
-# engine shares one map tensor per axis), so expanding a whole model digests each pair once.
-_MAPS_CACHE_SIZE = 32
+# engine shares one map tensor per axis), so expanding a whole model digests each pair once; the
+# column side, 16 column maps.
+_MAPS = _IdentityCache(32)
+_COLUMN_DIGESTS = _IdentityCache(16)
 
 
 def prepare_maps(row_map: torch.Tensor, col_map: torch.Tensor) -> HostMaps:
     """The ``HostMaps`` of two host map tensors, cached by identity (and in-place version), so a
     spec's maps are digested once however often it runs; thread-safe (a pipeline's reader thread
     prepares the next spec's maps while the main thread launches this one)."""
-    key = (id(row_map), id(col_map))
-    with _MAPS_LOCK:
-        hit = _MAPS_CACHE.get(key)
-        if hit is not None:
-            r, c, rv, cv, maps = hit
-            if r() is row_map and c() is col_map and rv == row_map._version and cv == col_map._version:
-                _MAPS_CACHE.move_to_end(key)
-                return maps
-    maps = HostMaps(row_map, col_map)
-    with _MAPS_LOCK:
-        _MAPS_CACHE[key] = (weakref.ref(row_map), weakref.ref(col_map), row_map._version, col_map._version, maps)
-        while len(_MAPS_CACHE) > _MAPS_CACHE_SIZE:
-            _MAPS_CACHE.popitem(last=False)
-    return maps
+    return _MAPS.get((row_map, col_map), lambda: HostMaps(row_map, col_map))
 
 
 def _to_device(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
