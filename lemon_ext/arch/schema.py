@@ -30,6 +30,7 @@ each of the source's experts).
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import re
 from dataclasses import dataclass, field
@@ -236,7 +237,13 @@ def evaluate(expr: str | int, names: dict):
             return _BINARY[type(node.op)](walk(node.left), walk(node.right))
         raise LemonError(f"internal: unsupported table expression {expr!r}")
 
-    return walk(ast.parse(str(expr), mode="eval"))
+    return walk(_parse(str(expr)))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(expr: str) -> ast.Expression:
+    """The parsed expression (tables hold a few hundred; parsing each per tensor cost ~1 ms a plan)."""
+    return ast.parse(expr, mode="eval")
 
 
 def template_regex(template: str) -> re.Pattern:
