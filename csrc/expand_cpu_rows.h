@@ -6,13 +6,13 @@
 // into the target columns (contiguous copies along runs of the column map); apply the split as
 // branch-free column passes (ColumnPass: one per LEMON tree level, or one for cancelling
 // pairs); round and store. Widths up to 2x (one pass) run gather, round and pass as one fused
-// loop instead (fused_row). The plan (which staged slot, which draws and which pass parameters
-// each target column uses) depends only on the column map, so it is built once per call
-// (CpuPlan) and shared by every row and thread. TSC ticks per target element (2.596 GHz), one
-// thread, warm, 512x1408 -> 1024x2816 bf16, circular maps + LEMON (commit after 873d24b, built
-// with -DLEMON_STAGE_TSC): stage 0.13, Philox 0.62, gather 0.13, round 0.18, pass 0.65, encode
-// 0.73 staged; the passes were scalar before -fno-trapping-math (116M -> 32M instructions for
-// this tensor in callgrind's AVX2 run). benchmarks/stage_counters.py prints them.
+// loop instead (fused_row), LEMON pairs with a coefficient per draw (pair_coefficients). The plan
+// (which staged slot, which draws and which pass parameters each target column uses) depends
+// only on the column map, so it is built once per call (CpuPlan) and shared by every row and
+// thread. TSC ticks per target element (2.596 GHz), one thread, warm, 512x1408 -> 1024x2816
+// bf16, circular maps + LEMON (benchmarks/stage_counters.py, commit 0dfc18c): stage 0.12, Philox
+// 0.59, fused 0.64, encode 0.27 (1.62 in all; the staged passes 1.97). The passes were scalar
+// before -fno-trapping-math (116M -> 32M instructions for this tensor in callgrind's AVX2 run).
 #pragma once
 #include <algorithm>
 #include <cstdint>
