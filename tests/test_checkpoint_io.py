@@ -57,6 +57,77 @@ def test_writer_bytes_equal_safetensors_save(tmp_path):
     assert build_header(shard.tensors, {"format": "pt"}) == data[: len(build_header(shard.tensors, {"format": "pt"}))]
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_writer_direct_and_page_cache_paths_write_safetensors_bytes(tmp_path, monkeypatch, direct_io):
+    """Both write paths give safetensors.torch.save's bytes, with a small staging buffer so tensors
+    straddle it and the tail needs padding and truncation under O_DIRECT."""
+    from lemon_ext.checkpoint import direct_io as dio
+    from lemon_ext.checkpoint.shards import Shard
+
+    monkeypatch.setattr(dio, "STAGING_BYTES", 3 * dio.ALIGN)
+    sd = {**MIXED, "odd": torch.arange(12345, dtype=torch.int16), "big": torch.randn(7001, dtype=torch.float64)}
+    shard = Shard(0, "x.safetensors", file_order(_entries(sd)))
+    w = ShardWriter(str(tmp_path), shard, direct_io=direct_io)
+    for name, _, _ in shard.tensors:
+        w.write(name, sd[name])
+    went_direct = getattr(w._f, "direct", False)
+    digest, size = w.close()
+    assert went_direct == (direct_io and _takes_o_direct(tmp_path))
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert data == save(sd, metadata={"format": "pt"}) and size == len(data) and len(data) % dio.ALIGN
+    assert digest == _independent_digest("xxh3_128", data)
+
+
+def _takes_o_direct(directory) -> bool:
+    """Whether the filesystem of ``directory`` accepts an aligned O_DIRECT write (tmpfs does not)."""
+    import mmap
+
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    path = os.path.join(directory, "probe.bin")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, 0o644)
+    except OSError:
+        return False
+    try:
+        os.write(fd, mmap.mmap(-1, 4096))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.remove(path)
+
+
+def test_direct_file_falls_back_when_the_filesystem_refuses(tmp_path, monkeypatch):
+    """A filesystem that takes O_DIRECT at open but refuses the first write (EINVAL): the file
+    is finished through the page cache, same bytes."""
+    from lemon_ext.checkpoint import direct_io as dio
+
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    monkeypatch.setattr(dio, "STAGING_BYTES", 2 * dio.ALIGN)
+    import fcntl
+
+    real_write, refused = os.write, []
+
+    def refuse_direct(fd, buf):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(buf))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(dio.os, "write", refuse_direct)
+    payload = bytes(range(256)) * 50  # 12800 bytes: a full staging buffer, then a tail
+    f = dio.DirectFile(str(tmp_path / "f.bin"))
+    f.write(payload[:5000])
+    f.write(payload[5000:])
+    f.close()
+    assert (tmp_path / "f.bin").read_bytes() == payload
+    assert refused and not f.direct
+
+
 def _independent_digest(algorithm: str, data: bytes) -> str:
     """The digest computed straight from the libraries, not through lemon_ext.checkpoint.hashing."""
     import xxhash

@@ -1,7 +1,9 @@
 """Stream one safetensors shard to disk, tensor by tensor, hashing as it goes.
 
-The header is written first (the shard's layout is planned), then each tensor's bytes straight
-from the tensor's memory (a numpy view, no copy). The integrity hash (``hashing``) sees the same
+The header is written first (the shard's layout is planned), then each tensor's bytes from the
+tensor's memory (a numpy view), with O_DIRECT through an aligned staging buffer where the
+filesystem takes it (``direct_io``: past the page cache, 3x faster on the dev VM, nothing left to
+flush at fsync), else through the page cache. The integrity hash (``hashing``) sees the same
 bytes. The default, xxh3_128, is hashed inline in the writer thread: ~0.1 s of a core per 2 GB,
 too little for a hop to a helper thread per buffer to pay off. sha256 (``hash_algorithm="sha256"``)
 runs in a helper thread while the same bytes are written (both release the GIL): measured on the
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .direct_io import DirectFile
 from .errors import CheckpointError
 from .hashing import DEFAULT_ALGORITHM, HASHED_BESIDE_WRITE, new_hasher
 from .safetensors_format import build_header, tensor_bytes
@@ -51,7 +54,7 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str, shard: Shard, metadata: dict | None = None, fsync: bool = False,
-                 hash_algorithm: str = DEFAULT_ALGORITHM):
+                 hash_algorithm: str = DEFAULT_ALGORITHM, direct_io: bool = True):
         self.shard = shard
         self.path = os.path.join(directory, shard.filename)
         self.partial = self.path + ".partial"
@@ -64,7 +67,9 @@ class ShardWriter:
         self._size = 0
         self._f = None
         try:
-            self._f = open(self.partial, "wb")
+            # O_DIRECT where the filesystem takes it (direct_io.py: 3x faster here and nothing left
+            # to fsync), else the page cache; the same bytes either way.
+            self._f = DirectFile(self.partial) if direct_io else open(self.partial, "wb")
             self._emit(build_header(shard.tensors, metadata if metadata is not None else ST_METADATA))
         except OSError as e:
             self.abort()
