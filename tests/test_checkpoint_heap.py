@@ -12,16 +12,15 @@ if sys.argv[1] == "keep":
     assert keep_freed_pages(), "glibc refused the thresholds"
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for size_mb in (96, 96, 64, 96):  # target tensors of a shard: freed once written, the next allocated
-    before = faults()
-    t = torch.empty(size_mb << 19, dtype=torch.bfloat16).fill_(1.0)
-    last = faults() - before
+before = faults()
+for _ in range(6):  # target tensors of a shard: each freed once written, the next one allocated
+    t = torch.empty(96 << 19, dtype=torch.bfloat16).fill_(1.0)
     del t
-print(last)
+print(faults() - before)
 """
 
 
-def _faults_of_last_tensor(mode: str) -> int:
+def _faults_of_six_tensors(mode: str) -> int:
     res = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     return int(res.stdout.strip().splitlines()[-1])
@@ -29,8 +28,11 @@ def _faults_of_last_tensor(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_freed_tensors_are_reused_not_refaulted():
-    pages = (96 << 20) // 4096  # 24576 pages of 4 KiB in a 96 MB tensor
-    default = _faults_of_last_tensor("default")
-    kept = _faults_of_last_tensor("keep")
-    assert default > pages // 2, f"glibc's default should fault a fresh 96 MB block ({default} faults)"
-    assert kept < pages // 20, f"with the heap kept the 96 MB block should be reused ({kept} faults)"
+    """Six 96 MB tensors one after the other: glibc's default maps each afresh (6 x 24576 page
+    faults); with the heap kept, freed blocks serve the next tensors (a block freed just before a
+    same-size aligned request may be passed over once, so at most 2 of the 6 fault)."""
+    pages = (96 << 20) // 4096
+    default = _faults_of_six_tensors("default")
+    kept = _faults_of_six_tensors("keep")
+    assert default > 5 * pages, f"glibc's default should fault every fresh 96 MB block ({default} faults)"
+    assert kept < 2.5 * pages, f"with the heap kept, freed 96 MB blocks should be reused ({kept} faults)"
