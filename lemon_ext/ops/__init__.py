@@ -155,7 +155,7 @@ class HostMaps:
         self.group_size, self.group_pos, col_hints, self.col_range = _COLUMN_DIGESTS.get(
             (col_map,), lambda: _digest_columns(self.col_map))
         rm = self.row_map
-        self.hints = dataclasses.replace(col_hints, has_row_mean=bool((rm == MEAN).any()))
+        self.hints = reference.with_row_map(col_hints, rm)
         self.row_range = (int(rm.min()), int(rm.max())) if rm.numel() else None
         self._pinned: dict[str, torch.Tensor] = {}
 
@@ -198,7 +198,7 @@ class HostMaps:
 def _digest_columns(col_map: torch.Tensor):
     """(group_size, group_pos, MapHints of the column side, (min, max) or None) of an int64 map."""
     group_size, group_pos = group_layout(col_map)
-    hints = reference.map_hints(col_map[:0], col_map, group_size)
+    hints = reference.column_hints(col_map, group_size)
     col_range = (int(col_map.min()), int(col_map.max())) if col_map.numel() else None
     return group_size, group_pos, hints, col_range
 

@@ -38,6 +38,7 @@ The result is cast to ``out_dtype`` with round-to-nearest-even.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -111,7 +112,12 @@ def lemon_levels(group_sizes) -> tuple[tuple[int, ...], ...]:
 
 def map_hints(row_map: torch.Tensor, col_map: torch.Tensor, group_size: torch.Tensor) -> MapHints:
     """``MapHints`` read from the maps (on the host: free; on a GPU: a few device syncs)."""
-    row_map = row_map.to(torch.int64)
+    return with_row_map(column_hints(col_map, group_size), row_map)
+
+
+def column_hints(col_map: torch.Tensor, group_size: torch.Tensor) -> MapHints:
+    """The column side of ``map_hints`` (``has_row_mean`` left False: see ``with_row_map``), which
+    many row maps share: the ops digest it once per column map."""
     col_map = col_map.to(torch.int64)
     gs = group_size.to(torch.int64)
     used = col_map[col_map >= 0]
@@ -120,10 +126,15 @@ def map_hints(row_map: torch.Tensor, col_map: torch.Tensor, group_size: torch.Te
         max_group=int(gs.max()) if gs.numel() else 0,
         num_src_cols=int(used.max()) + 1 if used.numel() else 0,
         lemon_levels=lemon_levels(torch.unique(gs[gs > 1]).tolist()),
-        has_row_mean=bool((row_map == MEAN).any()),
+        has_row_mean=False,
         has_col_mean=bool((col_map == MEAN).any()),
         free_cols=free if free.numel() else None,
     )
+
+
+def with_row_map(hints: MapHints, row_map: torch.Tensor) -> MapHints:
+    """Column ``hints`` completed with the row side of ``row_map``."""
+    return dataclasses.replace(hints, has_row_mean=bool((row_map.to(torch.int64) == MEAN).any()))
 
 
 def group_layout(col_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
