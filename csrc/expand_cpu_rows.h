@@ -100,6 +100,7 @@ struct CpuPlan {
   std::vector<int32_t> ucol;  // (C_T,) source column of the draws column j reads (MEAN -> 0)
   std::vector<int32_t> gsize, gpos;           // (C_T,) group size n and rank m
   std::vector<int64_t> zero_cols, free_cols;  // target columns overwritten after the row loop
+  std::vector<int64_t> free_runs;  // (first column, length) of each run of consecutive FREE columns
   int slots = 0;               // streams staged: stream_base(split) + t, t < slots
   uint32_t base = 0;
   int64_t quads = 0;           // source-column quads
@@ -191,6 +192,10 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
     for (int t : s) need[t][p.ucol[j] >> 2] = 1;
   }
   p.cidx_runs = make_runs({p.cidx.data()}, ct);
+  for (size_t k = 0; k < p.free_cols.size(); ++k) {
+    if (k > 0 && p.free_cols[k] == p.free_cols[k - 1] + 1) ++p.free_runs.back();
+    else p.free_runs.insert(p.free_runs.end(), {p.free_cols[k], 1});
+  }
   if (split == kSplitLemon) {
     int depth = 0;
     for (int n = 2; n <= max_n; ++n) { int d = 0; for (int c = n; c > 1; c = (c + 1) / 2) ++d; depth = std::max(depth, d); }
@@ -230,8 +235,9 @@ inline CpuPlan make_plan(const int64_t* col_map, const int32_t* gsize, const int
   }
   for (ColumnPass& c : p.passes) finish_pass(c, table_size, split == kSplitLemon);
   const bool dense = std::none_of(p.passes.begin(), p.passes.end(), [](const ColumnPass& c) { return c.sparse; });
-  p.fused = fused_path_enabled() && (split == kSplitNone || split == kSplitLemon || split == kSplitCancel || split == kSplitCancelEqual) &&
-            dense && p.passes.size() <= size_t(kMaxFusedPasses);
+  const bool fusable_split =
+      split == kSplitNone || split == kSplitLemon || split == kSplitCancel || split == kSplitCancelEqual;
+  p.fused = fused_path_enabled() && fusable_split && dense && p.passes.size() <= size_t(kMaxFusedPasses);
   if (p.fused) {
     std::vector<const int32_t*> idx{p.cidx.data()};
     for (const ColumnPass& c : p.passes) idx.push_back(c.off.data());
@@ -388,8 +394,9 @@ LEMON_CLONES void encode_row(const float* val, void* out, int64_t n, int kind) {
 // source values and draws are contiguous from sv / tbl (the caller offsets them), else indexed
 // through cidx / off. KIND 1 reads the per-draw coefficient a and swap s (tbl = a, S = s; see
 // pair_coefficients) and the column's side L: first = round(a x), (L != s) ? first : x - first,
-// or x for L = 2; lemon_step's float ops on the same operands, so the same bits. One loop: the value stays in a register from the gather to the result (the staged
-// passes write and re-read the row between stages). The encode to the output dtype stays a
+// or x for L = 2; lemon_step's float ops on the same operands, so the same bits. One loop: the
+// value stays in a register from the gather to the result (the staged passes write and re-read
+// the row between stages). The encode to the output dtype stays a
 // separate sweep: storing from this loop into fresh output pages measured slower (whole Llama of
 // issue 14 in a fresh process: 383-391M TSC ticks for fused + store, against 78-84M fused + the
 // same 236M for the encode sweep as the staged path).
@@ -430,8 +437,8 @@ LEMON_HD void fused_row_t(const float* sv, const CpuPlan& p, const float* cf, co
     const float* L = KIND == 1 ? p.pair_side.data() + j0 : c ? c->l.data() + j0 : nullptr;
     const float* f = HAS_CF ? cf + j0 : nullptr;
     if (runs.contiguous[r])
-      fused_t<OUT, KIND, true, HAS_CF, NO_NAN>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl, c ? swaps + off[0] : swaps,
-                                       nullptr, P, Q, E, L, val + j0, len);
+      fused_t<OUT, KIND, true, HAS_CF, NO_NAN>(sv + cidx[j0], nullptr, f, c ? tbl + off[0] : tbl,
+                                               c ? swaps + off[0] : swaps, nullptr, P, Q, E, L, val + j0, len);
     else
       fused_t<OUT, KIND, false, HAS_CF, NO_NAN>(sv, cidx + j0, f, tbl, swaps, off, P, Q, E, L, val + j0, len);
   }
@@ -500,6 +507,54 @@ LEMON_CLONES void free_run(const float* u, float noise_std, void* out, int64_t n
   else free_run_t<kOutF32>(u, noise_std, static_cast<float*>(out), n);
 }
 
+// FREE columns of a row: draws per *target* column quad (c0 = (j + col_offset) >> 2). With noise
+// on, the distinct quads (padded to kPhiloxBlock) go through the vectorised Philox into a table
+// (word l of quad q at 4 (q - q0) + l) and the plan's runs of FREE columns are written by free_run;
+// one scalar Philox call per quad cost ~52 ns, and a 1.5x-wide Llama's stream tails (FREE) made
+// its expand_state_dict 3.6x the fresh-output floor. Quads past int32 (the Philox lists' type)
+// and noise off keep the scalar loop.
+struct FreeColumns {
+  std::vector<int32_t> quads;
+  int64_t q0 = 0;
+  bool vectorised = false;
+  std::vector<float> draws;
+
+  FreeColumns(const CpuArgs& a, const CpuPlan& p) {
+    if (p.free_cols.empty()) return;
+    q0 = (p.free_cols.front() + a.col_offset) >> 2;
+    vectorised = a.noise_std != 0.0f && ((p.free_cols.back() + a.col_offset) >> 2) < (int64_t(1) << 31);
+    if (!vectorised) return;
+    for (int64_t j : p.free_cols) {
+      const int32_t q = int32_t((j + a.col_offset) >> 2);
+      if (quads.empty() || quads.back() != q) quads.push_back(q);
+    }
+    while (quads.size() % kPhiloxBlock) quads.push_back(quads.back());
+    draws.resize(4 * (quads.back() - q0 + 1));
+  }
+
+  template <int OUT>
+  void write(const CpuArgs& a, const CpuPlan& p, PhiloxQuadsFn philox_quads, uint32_t row,
+             typename OutT<OUT>::type* out) {
+    if (vectorised) {
+      philox_quads(quads.data(), int64_t(quads.size()), row, kStreamFree, a.key, draws.data(), q0);
+      for (size_t k = 0; k < p.free_runs.size(); k += 2)
+        free_run(draws.data() + (p.free_runs[k] + a.col_offset - 4 * q0), a.noise_std, out + p.free_runs[k],
+                 p.free_runs[k + 1], OUT);
+      return;
+    }
+    int64_t last_quad = -1;
+    Words w{};
+    for (int64_t j : p.free_cols) {
+      const uint64_t col = uint64_t(j + a.col_offset);
+      if (a.noise_std != 0.0f && int64_t(col >> 2) != last_quad) {
+        last_quad = int64_t(col >> 2);
+        w = philox(uint32_t(col >> 2), row, kStreamFree, 0u, a.key.k0, a.key.k1);
+      }
+      out[j] = encode<OUT>(free_value(to_uniform(w.w[col & 3]), a.noise_std));
+    }
+  }
+};
+
 // Target rows [begin, end). MODE 0: no split, 1: LEMON, 3: cancel (both vectorised column
 // passes), 2: any other split (scalar, runtime switch).
 template <int OUT, int MODE>
@@ -510,27 +565,7 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
   std::vector<float> coef(p.fused && MODE == 1 ? size_t(p.stride) : 0), swaps(coef.size());
   const bool cf_finite = !(p.fused && MODE == 1) || !a.col_factor || all_finite(a.col_factor, a.ct);
   const PhiloxQuadsFn philox_quads = philox_quads_best();
-  // FREE columns draw per *target* column quad (c0 = (j + col_offset) >> 2): the distinct quads,
-  // padded to kPhiloxBlock, drawn per row by the vectorised Philox into free_tbl (word l of quad q
-  // at 4 (q - q0) + l). One scalar Philox call per quad cost ~52 ns: a 1.5x-wide Llama's stream
-  // tails (FREE) made its expand_state_dict 3.6x the fresh-output floor.
-  std::vector<int32_t> free_quads;
-  const int64_t q0 = p.free_cols.empty() ? 0 : (p.free_cols.front() + a.col_offset) >> 2;
-  const bool free_vectorised = !p.free_cols.empty() && a.noise_std != 0.0f &&
-                               ((p.free_cols.back() + a.col_offset) >> 2) < (int64_t(1) << 31);
-  if (free_vectorised) {
-    for (int64_t j : p.free_cols) {
-      const int32_t q = int32_t((j + a.col_offset) >> 2);
-      if (free_quads.empty() || free_quads.back() != q) free_quads.push_back(q);
-    }
-    while (free_quads.size() % kPhiloxBlock) free_quads.push_back(free_quads.back());
-  }
-  std::vector<float> free_tbl(free_vectorised ? 4 * (free_quads.back() - q0 + 1) : 0);
-  std::vector<int64_t> free_runs;  // (first column, length) of each run of consecutive FREE columns
-  for (size_t k = 0; k < p.free_cols.size(); ++k) {
-    if (k > 0 && p.free_cols[k] == p.free_cols[k - 1] + 1) ++free_runs.back();
-    else free_runs.insert(free_runs.end(), {p.free_cols[k], 1});
-  }
+  FreeColumns free_columns(a, p);
   // First touch of the output pages in a tight loop, one block of rows (~128 KiB) ahead of the
   // compute: a fresh output (at::empty above a few hundred KB) faults in zeroed pages on its first
   // write; back to back those faults cost less than spread between row computations, and a block
@@ -572,41 +607,24 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
       encode_row(val.data(), out, a.ct, OUT);
       LEMON_TSC_MARK(kTscEncode);
     } else {
-    gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
-    LEMON_TSC_MARK(kTscGather);
-    if constexpr (MODE == 1 || MODE == 3) {
-      round_row(val.data(), a.ct, OUT);
-      LEMON_TSC_MARK(kTscRound);
-      for (const ColumnPass& c : p.passes) column_pass(tbl.data(), c, MODE == 1, val.data(), OUT);
-    } else if constexpr (MODE == 2) {
-      for (int64_t j = 0; j < a.ct; ++j) {
-        const TableDraws U{tbl.data(), p.stride, p.base, p.ucol[j]};
-        val[j] = split_value<OUT>(a.split, val[j], p.gsize[j], p.gpos[j], a.noise_std, U);
+      gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
+      LEMON_TSC_MARK(kTscGather);
+      if constexpr (MODE == 1 || MODE == 3) {
+        round_row(val.data(), a.ct, OUT);
+        LEMON_TSC_MARK(kTscRound);
+        for (const ColumnPass& c : p.passes) column_pass(tbl.data(), c, MODE == 1, val.data(), OUT);
+      } else if constexpr (MODE == 2) {
+        for (int64_t j = 0; j < a.ct; ++j) {
+          const TableDraws U{tbl.data(), p.stride, p.base, p.ucol[j]};
+          val[j] = split_value<OUT>(a.split, val[j], p.gsize[j], p.gpos[j], a.noise_std, U);
+        }
       }
-    }
-    LEMON_TSC_MARK(kTscPass);
-    encode_row(val.data(), out, a.ct, OUT);
-    LEMON_TSC_MARK(kTscEncode);
+      LEMON_TSC_MARK(kTscPass);
+      encode_row(val.data(), out, a.ct, OUT);
+      LEMON_TSC_MARK(kTscEncode);
     }
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
-    if (free_vectorised) {
-      philox_quads(free_quads.data(), int64_t(free_quads.size()), row, kStreamFree, a.key, free_tbl.data(), q0);
-      for (size_t k = 0; k < free_runs.size(); k += 2)
-        free_run(free_tbl.data() + (free_runs[k] + a.col_offset - 4 * q0), a.noise_std, out + free_runs[k],
-                 free_runs[k + 1], OUT);
-      LEMON_TSC_MARK(kTscTail);
-      continue;
-    }
-    int64_t last_quad = -1;
-    Words w{};
-    for (int64_t j : p.free_cols) {  // free columns: draws per *target* column quad
-      const uint64_t col = uint64_t(j + a.col_offset);
-      if (a.noise_std != 0.0f && int64_t(col >> 2) != last_quad) {
-        last_quad = int64_t(col >> 2);
-        w = philox(uint32_t(col >> 2), row, kStreamFree, 0u, a.key.k0, a.key.k1);
-      }
-      out[j] = encode<OUT>(free_value(to_uniform(w.w[col & 3]), a.noise_std));
-    }
+    free_columns.write<OUT>(a, p, philox_quads, row, out);
     LEMON_TSC_MARK(kTscTail);
   }
 }

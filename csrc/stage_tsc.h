@@ -11,11 +11,15 @@
 #include <cstdio>
 
 namespace lemon {
-enum TscStage : int { kTscStage = 0, kTscPhilox, kTscGather, kTscRound, kTscPass, kTscEncode, kTscTail, kTscFused, kTscCount };
+enum TscStage : int {
+  kTscStage = 0, kTscPhilox, kTscGather, kTscRound, kTscPass, kTscEncode, kTscTail, kTscFused, kTscCount
+};
 struct TscTotals {
   uint64_t ticks[kTscCount] = {};
   ~TscTotals() {
-    std::fprintf(stderr, "LEMON_STAGE_TSC stage=%llu philox=%llu gather=%llu round=%llu pass=%llu encode=%llu tail=%llu fused=%llu\n",
+    std::fprintf(stderr,
+                 "LEMON_STAGE_TSC stage=%llu philox=%llu gather=%llu round=%llu pass=%llu encode=%llu tail=%llu "
+                 "fused=%llu\n",
                  (unsigned long long)ticks[0], (unsigned long long)ticks[1], (unsigned long long)ticks[2],
                  (unsigned long long)ticks[3], (unsigned long long)ticks[4], (unsigned long long)ticks[5],
                  (unsigned long long)ticks[6], (unsigned long long)ticks[7]);
