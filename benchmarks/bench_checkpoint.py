@@ -82,6 +82,21 @@ def child_safetensors(dst, out):
     print(json.dumps({"seconds": total_t, "seconds_no_fsync": total_t_nosync, "bytes": nbytes}))
 
 
+def _random_block():
+    """32 MB of random bf16 bits, tiled to make any tensor (the bytes do not matter to a write)."""
+    import torch
+
+    return torch.randn(16 << 20).to(torch.bfloat16)
+
+
+def _tiled(block, shape):
+    """A fresh bf16 tensor of ``shape`` filled by repeating ``block`` (its own anonymous memory)."""
+    import math
+
+    n = max(1, math.prod(shape))
+    return block.repeat(-(-n // block.numel()))[:n].clone().view(shape)
+
+
 def child_probe(out, total_bytes, shard_bytes):
     """Fresh process, before the expansion: save_file (+fsync) of flat bf16 tensors, shard by shard,
     with the output's byte count, so the disk is measured on both sides of the expansion run (its
@@ -90,11 +105,11 @@ def child_probe(out, total_bytes, shard_bytes):
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
-    block = torch.randn(16 << 20).to(torch.bfloat16)  # 32 MB of random bits, tiled
+    block = _random_block()
     total_t, left, k = 0.0, total_bytes, 0
     while left > 0:
         n = min(left, shard_bytes) // 2
-        data = block.repeat(-(-n // block.numel()))[:n].clone()
+        data = _tiled(block, (n,))
         path = os.path.join(out, f"probe-{k}.safetensors")
         t = time.perf_counter()
         save_file({"data": data}, path, metadata={"format": "pt"})
@@ -108,26 +123,26 @@ def child_probe(out, total_bytes, shard_bytes):
     print(json.dumps({"seconds": total_t, "bytes": total_bytes}))
 
 
-PLAIN_WRITE_CHILD = r"""
-import json, os, sys, time, torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-src_dir, out = sys.argv[1], sys.argv[2]
-block = torch.randn(16 << 20).to(torch.bfloat16)  # 32 MB of random bits, tiled (the bytes do not matter)
-shards = []
-for name in sorted(os.listdir(src_dir)):
-    if name.endswith(".safetensors"):
-        with safe_open(os.path.join(src_dir, name), "pt") as f:
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        shards.append({k: block.repeat(-(-max(1, torch.Size(v).numel()) // block.numel()))[:torch.Size(v).numel()].clone().view(v)
-                       for k, v in shapes.items()})
-os.sync()
-t = time.perf_counter()
-for i, sd in enumerate(shards):
-    save_file(sd, os.path.join(out, f"plain-{i}.safetensors"), metadata={"format": "pt"})
-os.sync()
-print(json.dumps({"seconds": time.perf_counter() - t, "bytes": sum(v.nbytes for sd in shards for v in sd.values())}))
-"""
+def child_plain_write(like_dir, out):
+    """Fresh process: the shards of ``like_dir`` (same shapes, same split, our own bytes) written
+    with ``save_file`` into ``out``, then ``os.sync()``; only the writes and the sync are timed."""
+    import torch  # noqa: F401
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    block = _random_block()
+    shards = []
+    for name in sorted(os.listdir(like_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(like_dir, name), "pt") as f:
+                shards.append({k: _tiled(block, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+    os.sync()
+    t = time.perf_counter()
+    for i, sd in enumerate(shards):
+        save_file(sd, os.path.join(out, f"plain-{i}.safetensors"), metadata={"format": "pt"})
+    os.sync()
+    print(json.dumps({"seconds": time.perf_counter() - t, "bytes": sum(v.nbytes for sd in shards for v in sd.values())}))
+
 
 
 def cli_against_plain_write(workdir: str, reps: int, json_out=None):
@@ -167,7 +182,8 @@ def cli_against_plain_write(workdir: str, reps: int, json_out=None):
             shutil.rmtree(plain, ignore_errors=True)
             os.makedirs(plain)
             os.sync()
-            res = subprocess.run([sys.executable, "-c", PLAIN_WRITE_CHILD, dst, plain], capture_output=True, text=True)
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "plain", dst, plain],
+                                 env=env, capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"plain write failed:\n{res.stderr[-3000:]}")
             plain_run = json.loads(res.stdout.strip().splitlines()[-1])
@@ -212,6 +228,8 @@ def main():
     if a.child:
         if a.child[0] == "expand":
             child_expand(a.child[1], a.child[2], json.loads(a.child[3]), a.child[4])
+        elif a.child[0] == "plain":
+            child_plain_write(a.child[1], a.child[2])
         elif a.child[0] == "probe":
             child_probe(a.child[1], int(a.child[2]), int(a.child[3]))
         else:
