@@ -82,10 +82,13 @@ LEMON_HD float draw(PhiloxKey k, uint64_t row, uint64_t col, uint32_t stream) {
 // ---- round-to-nearest-even casts, bit-equal to torch's float -> bf16 / fp16 ---------------
 // NaN inputs: bf16 gives 0x7FC0 (c10 scalar path), fp16 gives sign|0x7E00. NaN payloads are not
 // part of the bitwise contract (torch's own vectorised and scalar casts differ there).
+// The float32 bits u rounded to nearest even at bf16 precision (the low 16 bits to be dropped).
+LEMON_HD uint32_t bf16_rne_bits(uint32_t u) { return u + 0x7FFFu + ((u >> 16) & 1u); }
+
 // Branch-free (a select, not an early return) so the CPU row loops that call it vectorise.
 LEMON_HD uint16_t f32_to_bf16(float f) {
   const uint32_t u = f2u(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t rounded = bf16_rne_bits(u) >> 16;
   return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 LEMON_HD float bf16_to_f32(uint16_t h) { return u2f(uint32_t(h) << 16); }
@@ -134,10 +137,7 @@ LEMON_HD float round_out(float x) {
 // be NaN: a split coefficient is in [1/2, 1]).
 template <int OUT>
 LEMON_HD float round_out_no_nan(float x) {
-  if (OUT == kOutBF16) {
-    const uint32_t u = f2u(x);
-    return u2f((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
-  }
+  if (OUT == kOutBF16) return u2f(bf16_rne_bits(f2u(x)) & 0xFFFF0000u);
   return round_out<OUT>(x);
 }
 
