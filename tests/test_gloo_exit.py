@@ -4,27 +4,13 @@ Without the guard, torch 2.13's gloo worker threads abort 25-50% of such process
 exit (``terminate called without an active exception``; see lemon_ext/gloo_exit.py for the gdb
 trace), which is how CI's accelerate test failed once after the script had passed its own checks.
 """
-import os
-import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers_dist import torchrun_command, torchrun_env
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names come from /proc (Linux)")
@@ -37,7 +23,7 @@ def test_gloo_worker_threads_are_counted():
         print(before, gloo_worker_threads())
         dist.destroy_process_group()
     """)
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=torchrun_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     before, during = map(int, out.stdout.split())
     assert before == 0 and during >= 2  # at least one runloop thread and the tcp loop
@@ -59,8 +45,7 @@ def test_ddp_processes_exit_cleanly(tmp_path):
         dist.destroy_process_group()
     """))
     for launch in range(4):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "4",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
-        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(torchrun_command(4, script), env=torchrun_env(), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, (
             f"launch {launch}: " + proc.stderr[-2000:])

@@ -5,13 +5,14 @@ The model is a plain module (no transformers import: each worker starts in ~2 s)
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from torch import nn
+
+from helpers_dist import torchrun_command, torchrun_env
 
 # Each step: 2 processes x micro-batch 4 x 2 accumulation steps = 16 examples; 1 process runs
 # micro-batch 8 x 2: data.py gives both the same 16 examples per step (the no_sync path is exercised).
@@ -50,22 +51,12 @@ def run(out_dir, batch_size):
     return model, res
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     torch.set_num_threads(1)
     model, ref = run(str(tmp_path / "one"), batch_size=8)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.abspath(__file__),
-           str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = torchrun_command(2, os.path.abspath(__file__), tmp_path / "two")
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     got = json.load(open(tmp_path / "two" / "result.json"))

@@ -7,12 +7,13 @@ transformers import is paid once per process); pytest runs the tests.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from helpers_dist import torchrun_command, torchrun_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,19 +56,10 @@ def worker(out):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.abspath(__file__), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun_command(2, os.path.abspath(__file__), tmp_path)
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.load(open(tmp_path / "result.json"))
     ddp, fsdp = got["ddp"], got["fsdp"]

@@ -1,16 +1,14 @@
 """The schedule in the real training stacks: accelerate on 2 processes (torchrun, gloo) runs the
 docs' recipe with the closed-form LR at every optimizer step; the HF Trainer follows it and
 resumes exactly; accelerate's wrappers go through growth (expand_optimizer_state, carry_schedule)."""
-import os
 import pathlib
 import re
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers_dist import torchrun_command, torchrun_env
 from lemon_ext.schedule import lemon_lr_factor
 
 transformers = pytest.importorskip("transformers")
@@ -26,12 +24,6 @@ def _docs_block(marker: str) -> str:
     return found[0]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_accelerate_recipe_on_two_processes(tmp_path):
     # The docs' block itself: it asserts the closed-form LR of each of its 30 optimizer steps
@@ -41,11 +33,8 @@ def test_accelerate_recipe_on_two_processes(tmp_path):
     script.write_text(_docs_block("from accelerate import Accelerator"))
     # ACCELERATE_USE_CPU=1: what `accelerate launch --cpu` sets; without it accelerate treats
     # torchrun's CPU processes as independent single-process runs (the docs say so)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun_command(2, script), env=torchrun_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es): LR 0.0e+00 -> 1.0e-03 -> " in proc.stdout
 
