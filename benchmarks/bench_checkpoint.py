@@ -82,6 +82,15 @@ def child_safetensors(dst, out):
     print(json.dumps({"seconds": total_t, "seconds_no_fsync": total_t_nosync, "bytes": nbytes}))
 
 
+def git_commit() -> str:
+    """Short hash of the checkout's HEAD, or "?" without git."""
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
 def _random_block():
     """32 MB of random bf16 bits, tiled to make any tensor (the bytes do not matter to a write)."""
     import torch
@@ -130,7 +139,7 @@ def child_plain_write(like_dir, out):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    made = time.perf_counter()
+    t_make = time.perf_counter()
     block = _random_block()
     shards = []
     for name in sorted(os.listdir(like_dir)):
@@ -139,13 +148,12 @@ def child_plain_write(like_dir, out):
                 shards.append({k: _tiled(block, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
     os.sync()
     t = time.perf_counter()
-    made = t - made
+    making_s = t - t_make
     for i, sd in enumerate(shards):
         save_file(sd, os.path.join(out, f"plain-{i}.safetensors"), metadata={"format": "pt"})
     os.sync()
-    print(json.dumps({"seconds": time.perf_counter() - t, "making_tensors_seconds": made,
+    print(json.dumps({"seconds": time.perf_counter() - t, "making_tensors_seconds": making_s,
                       "bytes": sum(v.nbytes for sd in shards for v in sd.values())}))
-
 
 
 def cli_against_plain_write(workdir: str, reps: int, json_out=None):
@@ -211,8 +219,7 @@ def cli_against_plain_write(workdir: str, reps: int, json_out=None):
            "ratio_command": med["command"] / med["plain"], "ratio_expansion": med["expansion"] / med["plain"],
            "ratio_command_to_plain_command": med["command"] / med["plain_command"],
            "peak_rss_gib": runs["peak_rss"][0] / 2**30, "cores": os.cpu_count(), "torch": torch.__version__,
-           "commit": subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"\n| target GB | lemon-expand s (whole command) | its expansion s | plain write s (its process "
           f"less making tensors) | ratio command / expansion | command / plain write's process | peak RSS GiB (first run) |")
     print("|---|---|---|---|---|---|---|")
@@ -297,11 +304,7 @@ def main():
         base = json.loads(r.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(a.workdir, ignore_errors=True)
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     import torch
     res = {
         "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",

@@ -604,8 +604,6 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
       fused_row(srow.data(), p, a.col_factor, kind == 1 ? coef.data() : tbl.data(), swaps.data(), val.data(), kind, OUT,
                 no_nan);
       LEMON_TSC_MARK(kTscFused);
-      encode_row(val.data(), out, a.ct, OUT);
-      LEMON_TSC_MARK(kTscEncode);
     } else {
       gather_row(srow.data(), p.cidx.data(), p.cidx_runs, a.col_factor, val.data());
       LEMON_TSC_MARK(kTscGather);
@@ -620,9 +618,9 @@ void expand_rows(const CpuArgs& a, const CpuPlan& p, int64_t begin, int64_t end)
         }
       }
       LEMON_TSC_MARK(kTscPass);
-      encode_row(val.data(), out, a.ct, OUT);
-      LEMON_TSC_MARK(kTscEncode);
     }
+    encode_row(val.data(), out, a.ct, OUT);
+    LEMON_TSC_MARK(kTscEncode);
     for (int64_t j : p.zero_cols) out[j] = encode<OUT>(0.0f);
     free_columns.write<OUT>(a, p, philox_quads, row, out);
     LEMON_TSC_MARK(kTscTail);

@@ -24,7 +24,7 @@ DEFAULT_ALGORITHM = XXH3_128
 #: Algorithms slow enough that the writer hashes them in a helper thread beside the write (see
 #: ``writer.ShardWriter``); the others are hashed inline, where a thread hop costs more than the hash.
 HASHED_BESIDE_WRITE = frozenset({SHA256})
-#: hash_file reads this much at a time: bounded memory, and large enough that reads run at disk speed.
+#: file_digests (and hash_file) read this much at a time: bounded memory, and large enough that reads run at disk speed.
 CHUNK_BYTES = 16 << 20
 
 
